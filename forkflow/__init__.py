@@ -1,0 +1,1 @@
+"""forkflow: RLVR for Qwen3 on high-entropy forking tokens, trained with ChunkFlow."""

@@ -1,0 +1,35 @@
+"""`forkflow <command> ...`: one entry point; each command parses its own arguments in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> ("module:function", one-line help); function(argv: list[str]) -> int
+COMMANDS = {
+    "demo": ("forkflow.demo:main", "run the main job end to end on a tiny model (what `make demo` runs)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    head = "usage: forkflow <command> [args]\n\ncommands:\n"
+    return head + "\n".join(lines) + "\n\n`forkflow <command> --help` for more."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"forkflow: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), func)(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

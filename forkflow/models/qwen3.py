@@ -91,19 +91,30 @@ class AttentionLayout:
       packed documents  each document has its own segment id and positions restarting at 0;
       continued chunk   the keys include earlier chunks' tokens whose positions precede the queries'
                         (the causal mask is aligned bottom-right, as a prefix requires).
-    A padding query still sees itself, so no softmax row is empty.
+    A padding query still sees itself, so no softmax row is empty. `causal` marks the plain case (one
+    document from position 0, no padding, no earlier keys), where no mask is built at all.
     """
 
     q_positions: torch.Tensor  # [B, Tq]
     q_segments: torch.Tensor  # [B, Tq]
     k_positions: torch.Tensor  # [B, Tk]
     k_segments: torch.Tensor  # [B, Tk]
+    causal: bool = False
+    _bias: dict = field(default_factory=dict)
 
     @cached_property
-    def mask(self) -> torch.Tensor:  # [B, 1, Tq, Tk] bool, built once per forward and shared by all layers
+    def mask(self) -> torch.Tensor:  # [B, 1, Tq, Tk] bool
         same = self.q_segments[:, :, None] == self.k_segments[:, None, :]
         causal = self.k_positions[:, None, :] <= self.q_positions[:, :, None]
         return (same & causal)[:, None]
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive bias (0 / -inf), built once per forward and shared by all layers: SDPA
+        would otherwise expand a bool mask into a new float tensor in every layer and keep it for backward."""
+        if dtype not in self._bias:
+            zero = torch.zeros((), dtype=dtype, device=self.q_positions.device)
+            self._bias[dtype] = zero.masked_fill(~self.mask, float("-inf"))
+        return self._bias[dtype]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float):
@@ -111,9 +122,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionL
 
     The one place attention is computed: a GPU kernel (flash varlen, flex) slots in here.
     """
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=layout.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    gqa = q.shape[1] != k.shape[1]
+    if layout.causal:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.bias(q.dtype), scale=scale, enable_gqa=gqa)
 
 
 class KVCache:
@@ -141,6 +153,52 @@ class KVCache:
             v = torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` [B'] in that order (repeats allowed): drop finished sequences while
+        decoding, or give each of n samples its own copy of a prompt's cache."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+        self.positions, self.segments = self.positions[rows], self.segments[rows]
+
+
+class StaticKVCache(KVCache):
+    """An inference KVCache that preallocates `capacity` slots per layer and writes new keys/values in place,
+    so a decoding step copies one token's keys instead of the whole cache; `keys[layer]` is a view of the
+    filled slots. Buffers are allocated on the first write, with that write's batch, heads, dim and dtype.
+    """
+
+    def __init__(self, num_layers: int, batch: int, capacity: int, device=None):
+        empty = KVCache.empty(num_layers, batch, device)
+        super().__init__(empty.keys, empty.values, empty.positions, empty.segments)
+        self.capacity = capacity
+        self.key_buffers: list = [None] * num_layers  # per layer [B, KV, capacity, D]
+        self.value_buffers: list = [None] * num_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.key_buffers[layer] is None:
+            B, KV, _, D = k.shape
+            self.key_buffers[layer] = k.new_empty(B, KV, self.capacity, D)
+            self.value_buffers[layer] = v.new_empty(B, KV, self.capacity, D)
+        start = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"StaticKVCache holds {self.capacity} tokens; writing up to {end} overflows it")
+        self.key_buffers[layer][:, :, start:end] = k
+        self.value_buffers[layer][:, :, start:end] = v
+        self.keys[layer] = self.key_buffers[layer][:, :, :end]
+        self.values[layer] = self.value_buffers[layer][:, :, :end]
+        return self.keys[layer], self.values[layer]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        for layer, key_buffer in enumerate(self.key_buffers):
+            if key_buffer is not None:
+                filled = self.keys[layer].shape[2]
+                self.key_buffers[layer] = key_buffer[rows]
+                self.value_buffers[layer] = self.value_buffers[layer][rows]
+                self.keys[layer] = self.key_buffers[layer][:, :, :filled]
+                self.values[layer] = self.value_buffers[layer][:, :, :filled]
+        self.positions, self.segments = self.positions[rows], self.segments[rows]
 
 
 class Attention(nn.Module):
@@ -300,8 +358,10 @@ class Qwen3ForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         B, T = input_ids.shape
         device = input_ids.device
+        has_prefix = cache is not None and len(cache) > 0
+        plain = position_ids is None and segment_ids is None and attention_mask is None and not has_prefix
         if position_ids is None:
-            start = cache.positions[:, -1:] + 1 if cache is not None and len(cache) else 0
+            start = cache.positions[:, -1:] + 1 if has_prefix else 0
             if attention_mask is None:
                 position_ids = start + torch.arange(T, device=device).expand(B, T)
             else:
@@ -313,9 +373,9 @@ class Qwen3ForCausalLM(nn.Module):
         if cache is not None:
             cache.positions = torch.cat([cache.positions, position_ids], dim=1)
             cache.segments = torch.cat([cache.segments, segment_ids], dim=1)
-            layout = AttentionLayout(position_ids, segment_ids, cache.positions, cache.segments)
+            layout = AttentionLayout(position_ids, segment_ids, cache.positions, cache.segments, causal=plain)
         else:
-            layout = AttentionLayout(position_ids, segment_ids, position_ids, segment_ids)
+            layout = AttentionLayout(position_ids, segment_ids, position_ids, segment_ids, causal=plain)
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -323,6 +383,15 @@ class Qwen3ForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, layout, cache, router_logits)
         return CausalLMOutput(self.model.norm(x), self.lm_head, tuple(router_logits), cache)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh weights as transformers initialises Qwen3 (normal(0, std) matrices, unit norms)."""
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
 
     def new_cache(self, batch: int) -> KVCache:
         return KVCache.empty(self.config.num_hidden_layers, batch, self.lm_head.weight.device)

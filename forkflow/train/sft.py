@@ -1,0 +1,179 @@
+"""Supervised fine-tuning with ChunkFlow batching: `forkflow sft CONFIG.yaml [key=value ...]`.
+
+Each step takes `batch_size` examples, cuts them into chunks of at most C tokens, runs the state-aware
+schedule (activations of at most K chunks in memory), clips and steps AdamW. Checkpoints are Hugging Face
+directories plus the trainer state, written atomically; rerunning with the same `out` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from forkflow.chat import load_tokenizer
+from forkflow.chunkflow import (
+    all_reduce_gradients,
+    assign_ranks,
+    attention_pair_cost,
+    build_chunks,
+    chunked_backward,
+    total_loss_weight,
+)
+from forkflow.config import ConfigError, load_config, save_config
+from forkflow.jsonl import InputError
+from forkflow.models.checkpoint import CheckpointError, from_pretrained
+from forkflow.train.sft_data import SFTExample, load_sft_examples
+from forkflow.train.state import (
+    ChunkFlowConfig,
+    ModelConfig,
+    OptimConfig,
+    build_optimizer,
+    keep_metrics_up_to,
+    latest_checkpoint,
+    resolve_device,
+    restore_trainer_state,
+    save_checkpoint,
+)
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # .jsonl or .parquet; each row has 'messages', or 'prompt' and 'response'
+    shuffle: bool = True  # a new seeded order every epoch
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 16  # examples per optimizer step (the global batch, over all ranks)
+    epochs: int = 1
+    max_steps: int = 0  # 0: epochs × steps per epoch
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute; weights and AdamW stay fp32
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 0
+    out: str = "runs/sft"  # checkpoints/ and metrics.jsonl; a run whose `out` holds checkpoints resumes
+    save_every: int = 0  # steps between checkpoints; 0: only after the last step
+    progress: bool = True  # tqdm progress bar on stderr
+
+
+def check_config(cfg: SFTConfig) -> None:
+    if not cfg.model.path:
+        raise ConfigError("model.path is required: the Hugging Face checkpoint directory to fine-tune")
+    if not cfg.data.train:
+        raise ConfigError("data.train is required: a .jsonl or .parquet file of conversations")
+    counts = {"chunkflow.chunk_size": cfg.chunkflow.chunk_size, "chunkflow.keep": cfg.chunkflow.keep,
+              "batch_size": cfg.batch_size, "epochs": cfg.epochs}
+    for key, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def batch_indices(step: int, num_examples: int, cfg: SFTConfig) -> list[int]:
+    """The examples of optimizer step `step`: a function of the step alone, so a resumed run sees the same."""
+    per_epoch = math.ceil(num_examples / cfg.batch_size)
+    epoch, index = divmod(step, per_epoch)
+    if cfg.data.shuffle:
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    else:
+        order = torch.arange(num_examples)
+    return order[index * cfg.batch_size : (index + 1) * cfg.batch_size].tolist()
+
+
+def train_step(model, examples: list[SFTExample], cfg: SFTConfig, rank: int, world: int) -> dict:
+    """Forward/backward of one global batch (this rank's share of its chunks); gradients summed over ranks."""
+    chunks = build_chunks([e.input_ids for e in examples], cfg.chunkflow.chunk_size,
+                          loss_weights=[e.loss_mask for e in examples])
+    normalizer = total_loss_weight(chunks)  # over the whole batch: every rank divides by the same count
+    mine = assign_ranks(chunks, world, attention_pair_cost(model.config))[rank] if world > 1 else chunks
+    device = model.lm_head.weight.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss = chunked_backward(model, mine, keep=cfg.chunkflow.keep, normalizer=normalizer)
+    if world > 1:
+        all_reduce_gradients(model)
+        total = torch.tensor([loss], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        loss = total.item()
+    return {"loss": loss, "tokens": sum(len(e.input_ids) for e in examples), "loss_tokens": int(normalizer),
+            "chunks": len(chunks)}
+
+
+def train(cfg: SFTConfig) -> Path | None:
+    """Run (or resume) SFT as configured; returns the last checkpoint's directory."""
+    check_config(cfg)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    resume_from = latest_checkpoint(out)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    examples = load_sft_examples(cfg.data.train, tokenizer)
+    model = from_pretrained(resume_from or cfg.model.path, dtype=torch.float32, device=device)
+    model.train()
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    start = restore_trainer_state(resume_from, optimizer, scheduler) if resume_from else 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "sft.yaml")
+        keep_metrics_up_to(out / METRICS, start)
+    last = resume_from
+    show_bar = cfg.progress and rank == 0
+    with open(out / METRICS, "a") if rank == 0 else open(os.devnull, "w") as metrics, tqdm(
+        total=total_steps, initial=start, desc="sft", disable=not show_bar, dynamic_ncols=True
+    ) as bar:
+        for step in range(start, total_steps):
+            began = time.perf_counter()
+            batch = [examples[i] for i in batch_indices(step, len(examples), cfg)]
+            record = train_step(model, batch, cfg, rank, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - began
+            record = {"step": step + 1, "epoch": (step + 1) * cfg.batch_size / len(examples), **record,
+                      "lr": lr, "grad_norm": grad_norm.item(), "step_s": seconds,
+                      "tokens_per_s": record["tokens"] / seconds}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.update()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            if step + 1 == total_steps or cfg.save_every and (step + 1) % cfg.save_every == 0:
+                if rank == 0:
+                    last = save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler,
+                                           config=lambda path: save_config(cfg, path / "sft.yaml"))
+                if world > 1:
+                    dist.barrier()
+    return last
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="forkflow sft", description="Supervised fine-tuning on ChunkFlow.")
+    parser.add_argument("config", help="YAML config, e.g. configs/sft_tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=2e-5 chunkflow.keep=2")
+    args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        last = train(load_config(SFTConfig, args.config, args.overrides))
+    except (ConfigError, InputError, CheckpointError, FileNotFoundError) as e:
+        print(f"forkflow sft: {e}", file=sys.stderr)
+        return 2
+    print(f"forkflow sft: finished; checkpoint {last}", file=sys.stderr)
+    return 0

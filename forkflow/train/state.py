@@ -1,0 +1,135 @@
+"""What the training loops share: model/optimizer/ChunkFlow config sections, AdamW with warmup + cosine or
+constant LR, the device, and atomic Hugging Face checkpoints that resume exactly (optimizer, schedule, RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from forkflow.config import ConfigError
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # Hugging Face checkpoint directory to start from
+    tokenizer: str = ""  # directory holding the tokenizer files; default: model.path
+
+
+@dataclass
+class ChunkFlowConfig:
+    chunk_size: int = 4096  # C: tokens per chunk
+    keep: int = 1  # K: chunks of one long sequence whose activations are in memory at once
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    schedule: Literal["cosine", "constant"] = "cosine"  # after the warmup
+    warmup_steps: int = 0  # linear ramp to lr over these steps
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Multiplier of optim.lr at optimizer step `step` (0-based): linear warmup, then cosine or constant."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
+    """AdamW over all parameters and its LR schedule (a LambdaLR stepped once per optimizer step)."""
+    if len(optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {optim.betas}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                  weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, total_steps))
+    return optimizer, scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; under torch.distributed each rank takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None and dist.is_initialized():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # NCCL collectives run on the current device
+    return device
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint under out/checkpoints (an interrupted save leaves only a hidden
+    temporary directory, which is never picked)."""
+    steps = (Path(out) / "checkpoints").glob("step-*")
+    return max(steps, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    config: Callable[[Path], None] | None = None,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """out/checkpoints/step-N: a Hugging Face directory (weights, config.json, tokenizer) plus the trainer
+    state; `config(dir)` writes the run's config, `extra` maps file names to text (e.g. the data position).
+    Everything is written to a temporary directory renamed into place, so a crash never leaves a
+    half-written checkpoint that looks complete."""
+    final = Path(out) / "checkpoints" / f"step-{step:08d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if config is not None:
+        config(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+    torch.save({"step": step, **state}, tmp / TRAINER_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return final
+
+
+def restore_trainer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler) -> int:
+    """Optimizer, LR schedule and RNG from a checkpoint; returns the number of steps already taken."""
+    state = torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop metrics lines logged after `step` (a resumed run logs those steps again)."""
+    if Path(path).is_file():
+        lines = [line for line in Path(path).read_text().splitlines() if json.loads(line)["step"] <= step]
+        Path(path).write_text("".join(line + "\n" for line in lines))

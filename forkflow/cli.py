@@ -7,7 +7,12 @@ import sys
 
 # name -> ("module:function", one-line help); function(argv: list[str]) -> int
 COMMANDS = {
-    "demo": ("forkflow.demo:main", "run the main job end to end on a tiny model (what `make demo` runs)"),
+    "demo": ("forkflow.demo.run:main", "run the main job end to end on a tiny model (what `make demo` runs)"),
+    "generate": ("forkflow.rollout.cli:main", "sample responses with per-token log-probs and entropies"),
+    "entropy": ("forkflow.entropy.cli:main", "token entropy: score responses, report, compare two models"),
+    "sft": ("forkflow.train.sft:main", "supervised fine-tuning with ChunkFlow batching"),
+    "train": ("forkflow.train.rl:main", "RLVR (DAPO/GRPO) restricted to the high-entropy forking tokens"),
+    "eval": ("forkflow.train.evaluate:main", "avg@k and pass@k of a checkpoint on verifiable problems"),
 }
 
 

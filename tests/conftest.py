@@ -8,6 +8,9 @@ import pytest
 import torch
 import transformers
 
+# Tiny models: one thread is faster than two competing ones, and steadier on a shared 2-core machine.
+torch.set_num_threads(1)
+
 TINY = dict(
     vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=512,
@@ -52,4 +55,17 @@ def qwen3_tokenizer_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("qwen3-tokenizer")
     build_qwen3_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_vocab_checkpoint(tmp_path_factory, qwen3_tokenizer_dir):
+    """A tiny random Qwen3 with the real 151,936-token vocabulary (tied embeddings) and the real tokenizer
+    files beside it: a model directory as `forkflow generate` and `forkflow entropy score` load it."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("qwen3-vocab-checkpoint")
+    hf_tiny_model(vocab_size=151936, tie_word_embeddings=True).save_pretrained(path)
+    for file in qwen3_tokenizer_dir.iterdir():
+        shutil.copy(file, path)
     return path

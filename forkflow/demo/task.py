@@ -1,0 +1,120 @@
+"""The demo's reasoning task: countdown with three numbers, solved by a depth-first search whose trace (the
+tries, the dead ends, the backtracking) is the chain of thought a tiny Qwen3 learns, and a character-level
+tokenizer in the Qwen3 chat format for it.
+
+A trace tries first steps in a random order, one line each, continuing every first step with the third
+number in all ways until it hits the target:
+
+    <think>
+    7-3=4 4+5=9 4*5=20 5-4=1
+    3+5=8 8+7=15 8*7=56 8-7=1 7-8 no
+    5*3=15 15+7=22
+    </think>
+    \\boxed{(5*3)+7}
+
+The choice of which first step to try (and which operation next) is where the forks are; the arithmetic
+after `=` is forced. Answers are checked by `forkflow.rewards.verify_countdown`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from forkflow.qwen3_tokenizer import CHAT_TEMPLATE
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CHARACTERS = list("0123456789+-*/=()[]{},: \n\\") + sorted(set("boxedUsingthenumbersreach"))
+MAX_NUMBER = 9
+
+
+def _combine(a: int, b: int) -> list[tuple[str, int]]:
+    """The exact integer results of a op b (subtraction and division larger first): [(text, value)]."""
+    hi, lo = max(a, b), min(a, b)
+    out = [(f"{a}+{b}", a + b), (f"{a}*{b}", a * b), (f"{hi}-{lo}", hi - lo)]
+    if lo and hi % lo == 0 and lo != 1:
+        out.append((f"{hi}/{lo}", hi // lo))
+    return out
+
+
+def solve_trace(numbers: list[int], target: int, rng: random.Random) -> tuple[str, str] | None:
+    """(thinking trace, answer expression) of a randomly ordered search, or None when unsolvable."""
+    first_steps = [
+        (text, value, numbers[3 - i - j])
+        for i in range(3) for j in range(i + 1, 3)
+        for text, value in _combine(numbers[i], numbers[j])
+    ]  # fmt: skip
+    rng.shuffle(first_steps)
+    lines = []
+    for text, value, third in first_steps:
+        seconds = _combine(value, third)
+        rng.shuffle(seconds)
+        line = [f"{text}={value}"]
+        for text2, value2 in seconds:
+            line.append(f"{text2}={value2}")
+            if value2 == target:
+                lines.append(" ".join(line))
+                answer = text2.replace(str(value), f"({text})", 1)
+                return "\n".join(lines), answer
+        lines.append(" ".join(line))
+    return None
+
+
+def make_problems(seed: int) -> list[dict]:
+    """Every distinct solvable problem (three numbers in 1..9, a target in 10..99), shuffled by `seed`:
+    [{numbers, target, prompt, answer (ground-truth JSON for verify_countdown)}]."""
+    found = {}
+    for triple in itertools.combinations_with_replacement(range(1, MAX_NUMBER + 1), 3):
+        a, b, c = triple
+        for x, y, z in ((a, b, c), (a, c, b), (b, c, a)):
+            for _, value in _combine(x, y):
+                for _, target in _combine(value, z):
+                    if 10 <= target <= 99:
+                        found[(triple, target)] = None
+    rng = random.Random(seed)
+    problems = []
+    for triple, target in sorted(found):
+        problems.append({"numbers": list(triple), "target": target})
+    rng.shuffle(problems)
+    for problem in problems:
+        rng.shuffle(problem["numbers"])
+        problem["prompt"] = f"Using the numbers {problem['numbers']}, reach {problem['target']}"
+        problem["answer"] = json.dumps({"target": problem["target"], "numbers": problem["numbers"]})
+    return problems
+
+
+def sft_messages(problem: dict, rng: random.Random) -> list[dict]:
+    """One solver demonstration as chat messages (thinking included in the assistant turn)."""
+    solved = solve_trace(problem["numbers"], problem["target"], rng)
+    if solved is None:
+        raise ValueError(f"problem {problem['prompt']!r} has no solution")
+    trace, answer = solved
+    return [
+        {"role": "user", "content": problem["prompt"]},
+        {"role": "assistant", "content": f"<think>\n{trace}\n</think>\n\n\\boxed{{{answer}}}"},
+    ]
+
+
+def build_char_tokenizer(out_dir: str | Path) -> Path:
+    """A character-level tokenizer for the task, in the Qwen3 chat format, saved loadable by transformers."""
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in CHARACTERS:
+        vocab.setdefault(ch, len(vocab))
+    vocab["<unk>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS[:3])
+    tok.add_tokens(SPECIAL_TOKENS[3:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(out_dir)
+    return Path(out_dir)

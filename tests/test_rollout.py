@@ -1,0 +1,287 @@
+"""The rollout engine against transformers' greedy generate, a chi-square test of its sampling, teacher-forced
+forwards for its log-probs and entropies, and `forkflow generate` end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from forkflow.chat import THINKING_BUDGET_TEXT
+from forkflow.models import from_pretrained
+from forkflow.models.qwen3 import KVCache, StaticKVCache
+from forkflow.rollout import (
+    EntropyAwareTemperature,
+    PromptError,
+    SamplingParams,
+    ThinkingBudget,
+    TorchBackend,
+    generate,
+)
+from forkflow.rollout.cli import main as generate_cli
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 1, 2, 4], [50, 60, 70, 80, 90]]  # mixed lengths
+
+
+def left_padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_greedy_equals_transformers_generate(tiny_checkpoint, moe):
+    path, ref = tiny_checkpoint(moe=moe)
+    model = from_pretrained(path)
+    first = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
+    stop = first[0][0].token_ids[3].item()  # a token greedy decoding does produce, so some rows stop early
+    params = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop,))
+    ours = [s[0] for s in generate(model, PROMPTS, params)]
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad():
+        theirs = ref.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=stop, pad_token_id=0
+        )[:, ids.shape[1] :]
+    assert any(s.finish_reason == "stop" for s in ours) and any(s.finish_reason == "length" for s in ours)
+    for sample, row in zip(ours, theirs, strict=True):
+        n = len(sample.token_ids)
+        assert sample.token_ids.tolist() == row[:n].tolist()
+        assert sample.finish_reason == ("stop" if row[n - 1] == stop else "length")
+        assert (sample.sample_logprobs == 0).all()
+
+
+def reference_distribution(logits, temperature, top_k=0, top_p=1.0):
+    """softmax(logits / T) restricted to the top-k, then to the smallest prefix whose mass reaches top_p."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = probs.argsort(descending=True).tolist()
+    kept = order[:top_k] if top_k else order
+    total, mass, prefix = sum(probs[i].item() for i in kept), 0.0, []
+    for i in kept:
+        if mass >= top_p:
+            break
+        prefix.append(i)
+        mass += probs[i].item() / total
+    out = torch.zeros_like(probs)
+    out[prefix] = probs[prefix]
+    return out / out.sum()
+
+
+def chi_square(counts, expected_probs, total):
+    """Pearson's statistic over the cells with expected count >= 5 (the rest pooled), and its degrees of
+    freedom."""
+    expected = expected_probs * total
+    big = expected >= 5
+    observed_cells = [*counts[big].tolist(), counts[~big].sum().item()]
+    expected_cells = [*expected[big].tolist(), expected[~big].sum().item()]
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed_cells, expected_cells, strict=True) if e > 0)
+    return stat, sum(e > 0 for e in expected_cells) - 1
+
+
+def chi_square_critical(df, z=3.719):  # Wilson-Hilferty; z = 3.719 is the one-sided p = 1e-4 normal quantile
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 20, 0.95), (1.4, 0, 0.8)])
+def test_first_token_frequencies_match_filtered_softmax(tiny_checkpoint, temperature, top_k, top_p):
+    path, ref = tiny_checkpoint()
+    model = from_pretrained(path)
+    prompt, draws = [7, 3, 99, 12], 6000
+    params = SamplingParams(
+        n=draws, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=1
+    )
+    first_tokens = torch.tensor([s.token_ids[0].item() for s in generate(model, [prompt], params)[0]])
+    counts = torch.bincount(first_tokens, minlength=128).double()
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt])).logits[0, -1]
+    expected = reference_distribution(logits, temperature, top_k, top_p)
+    assert counts[expected == 0].sum() == 0  # nothing outside the top-k / top-p set is ever drawn
+    stat, df = chi_square(counts, expected, draws)
+    assert df > 5 and stat < chi_square_critical(df)
+    # the same test does reject a wrong temperature
+    wrong = reference_distribution(logits, temperature * 1.5, top_k, top_p)
+    assert chi_square(counts, wrong.clamp(min=1e-12), draws)[0] > chi_square_critical(df)
+
+
+def teacher_forced(model, prompt, tokens):
+    """T = 1 logits [L, V] (fp64) predicting each of `tokens` after `prompt`, from one full forward."""
+    ids = torch.tensor([[*prompt, *tokens]])
+    with torch.no_grad():
+        return model(ids).logits[0, len(prompt) - 1 : -1].double()
+
+
+def entropy(logits):
+    logp = torch.log_softmax(logits, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_logprobs_and_entropies_equal_a_teacher_forced_forward(tiny_checkpoint, moe):
+    path, _ = tiny_checkpoint(moe=moe)
+    model = from_pretrained(path)
+    T, top_k, top_p = 0.8, 40, 0.9
+    params = SamplingParams(
+        n=3,
+        max_new_tokens=10,
+        temperature=T,
+        top_k=top_k,
+        top_p=top_p,
+        seed=3,
+        stop_token_ids=tuple(range(10)),
+    )
+    steps = []
+    samples = [
+        s for row in generate(model, PROMPTS, params, on_step=lambda t, f: steps.append(t)) for s in row
+    ]
+    assert {s.finish_reason for s in samples} == {"stop", "length"}
+    assert sum(steps) == sum(len(s.token_ids) for s in samples)  # finished rows cost nothing more
+    assert steps == sorted(steps, reverse=True) and steps[-1] < steps[0]
+    for s in samples:
+        logits = teacher_forced(model, PROMPTS[s.prompt_index], s.token_ids.tolist())
+        tokens = s.token_ids[:, None]
+        assert torch.allclose(
+            s.logprobs.double(), torch.log_softmax(logits, -1).gather(1, tokens)[:, 0], atol=1e-4
+        )
+        assert torch.allclose(s.entropies.double(), entropy(logits / T), atol=1e-4)
+        drawn_from = torch.stack([reference_distribution(z, T, top_k, top_p) for z in logits])
+        assert torch.allclose(s.sample_logprobs.double(), drawn_from.gather(1, tokens)[:, 0].log(), atol=1e-4)
+
+
+def test_entropy_aware_decoding_uses_the_high_temperature_above_the_threshold(tiny_checkpoint):
+    path, _ = tiny_checkpoint()
+    model = from_pretrained(path)
+    rule = EntropyAwareTemperature(high=1.5, low=0.4, threshold=3.9)
+    params = SamplingParams(n=2, max_new_tokens=12, entropy_aware=rule, seed=5)
+    temperatures_used = set()
+    for s in (s for row in generate(model, PROMPTS, params) for s in row):
+        logits = teacher_forced(model, PROMPTS[s.prompt_index], s.token_ids.tolist())
+        T = torch.where(entropy(logits) > rule.threshold, rule.high, rule.low)
+        temperatures_used |= {round(t, 6) for t in T.tolist()}
+        want = torch.log_softmax(logits / T[:, None], -1).gather(1, s.token_ids[:, None])[:, 0]
+        assert torch.allclose(s.sample_logprobs.double(), want, atol=1e-4)
+        assert torch.allclose(s.entropies.double(), entropy(logits), atol=1e-4)  # reported at temperature 1
+    assert temperatures_used == {rule.high, rule.low}
+
+
+def test_thinking_budget_forces_the_suffix_then_allows_the_answer_budget(tiny_checkpoint):
+    path, _ = tiny_checkpoint()
+    model = from_pretrained(path)
+    think_end, suffix = 127, (100, 101, 127, 102)
+    budget = ThinkingBudget(budget=3, suffix_ids=suffix, think_end_id=think_end, answer_budget=4)
+    params = SamplingParams(n=4, max_new_tokens=6, thinking=budget, seed=0)
+    thinking_prompt, closed_prompt = [1, 2, 3], [1, think_end, 5]  # the second has already left thinking
+    forced = 0
+    for s in (s for row in generate(model, [thinking_prompt, closed_prompt], params) for s in row):
+        tokens = s.token_ids.tolist()
+        if s.prompt_index == 1 or think_end in tokens[:3]:
+            assert s.forced_span is None and len(tokens) == 6
+            continue
+        forced += 1
+        assert s.forced_span == (3, 7) and tuple(tokens[3:7]) == suffix and len(tokens) == 3 + 4 + 4
+        assert (s.sample_logprobs[3:7] == 0).all()
+        logits = teacher_forced(model, thinking_prompt, tokens)
+        want = torch.log_softmax(logits, -1).gather(1, s.token_ids[:, None])[:, 0]
+        assert torch.allclose(s.logprobs.double(), want, atol=1e-4)
+    assert forced >= 3
+
+
+def test_seed_reproduces_and_backend_matches_engine(tiny_checkpoint):
+    path, _ = tiny_checkpoint()
+    model = from_pretrained(path)
+
+    def run(seed):
+        params = SamplingParams(n=2, max_new_tokens=8, seed=seed, min_p=0.05)
+        return [s.token_ids.tolist() for row in TorchBackend(model).generate(PROMPTS, params) for s in row]
+
+    assert run(0) == run(0) != run(1)
+
+
+def test_static_cache_with_row_selection_equals_full_forward(tiny_checkpoint):
+    path, _ = tiny_checkpoint(moe=True)
+    model = from_pretrained(path)
+    ids, mask = left_padded([[4, 5, 6, 7], [8, 9]])
+    rows = torch.tensor([1, 0, 1])  # reorder and repeat
+    nxt = torch.tensor([[20], [21], [22]])
+    with torch.no_grad():
+        decoded = []
+        for cache in (KVCache.empty(2, 2), StaticKVCache(2, 2, capacity=8)):
+            model(ids, attention_mask=mask, cache=cache)
+            cache.select_rows(rows)
+            decoded.append(model(nxt, cache=cache).logits[:, 0])
+        sequences = [[8, 9, 20], [4, 5, 6, 7, 21], [8, 9, 22]]
+        full = torch.stack([model(torch.tensor([s])).logits[0, -1] for s in sequences])
+    assert torch.allclose(decoded[0], decoded[1], atol=1e-6)
+    assert torch.allclose(decoded[1], full, atol=1e-5)
+
+
+def test_bad_prompts_are_named(tiny_checkpoint):
+    path, _ = tiny_checkpoint()
+    model = from_pretrained(path)
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(PromptError, match=r"prompts\[1\]: prompt is empty"):
+        generate(model, [[1], []], params)
+    with pytest.raises(PromptError, match="512"):
+        generate(model, [[1] * 600], params)
+    with pytest.raises(PromptError, match="token id 128 is outside"):
+        generate(model, [[1, 128]], params)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+
+
+def write_lines(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_generate_cli_with_chat_prompts_and_thinking_budget(qwen3_vocab_checkpoint, tmp_path):
+    prompts = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            {"prompt": "What is 2 + 2?", "answer": "4"},
+            {"prompt": [{"role": "user", "content": "Name a prime."}]},
+            {"prompt_ids": [151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198]},
+        ],
+    )
+    out = tmp_path / "out.jsonl"
+    options = "--n 2 --max-new-tokens 6 --thinking-budget 3 --top-k 50 --seed 7".split()
+    argv = ["--model", str(qwen3_vocab_checkpoint), "--prompts", str(prompts), "--out", str(out), *options]
+    assert generate_cli(argv) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    tokenizer = Tokenizer.from_file(str(qwen3_vocab_checkpoint / "tokenizer.json"))
+    suffix = tokenizer.encode(THINKING_BUDGET_TEXT, add_special_tokens=False).ids
+    expected_order = [(p, s) for p in range(3) for s in range(2)]
+    assert [(r["prompt_index"], r["sample_index"]) for r in lines] == expected_order
+    assert lines[0]["answer"] == "4"  # input fields travel with the samples
+    for r in lines:
+        n = len(r["token_ids"])
+        assert len(r["logprobs"]) == len(r["entropies"]) == len(r["sample_logprobs"]) == len(r["tokens"]) == n
+        assert r["finish_reason"] in ("stop", "length") and isinstance(r["text"], str)
+        start, end = r["forced_span"]  # random weights never close </think>: every sample hits the budget
+        assert start == 3 and r["token_ids"][start:end] == suffix
+        assert r["prompt_ids"][-3:] == [151644, 77091, 198]  # the assistant generation prompt
+
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"prompt_ids": [1, 2]}', '{"text": "hi"}'], "in.jsonl line 2: needs 'prompt'"),
+        (['{"prompt": "   "}'], "in.jsonl line 1: prompt is empty"),
+        (['{"prompt_ids": []}'], "in.jsonl line 1: prompt is empty"),
+        (['{"prompt_ids": [1, "a"]}'], "line 1: field 'prompt_ids' must be a list of token ids"),
+        (['{"prompt_ids": [1]}', "", json.dumps({"prompt_ids": [1] * 600})], "line 3: prompt has 600 tokens"),
+        (['{"prompt_ids": [1]}', "{not json"], "in.jsonl line 2: not valid JSON"),
+        (['{"prompt": "hello"}'], "line 1: 'prompt' is text, but"),
+    ],
+)
+def test_generate_cli_names_the_bad_line(tiny_checkpoint, tmp_path, capsys, lines, message):
+    path, _ = tiny_checkpoint()  # no tokenizer files: prompt_ids only
+    prompts = write_lines(tmp_path / "in.jsonl", lines)
+    code = generate_cli(["--model", str(path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()

@@ -54,3 +54,19 @@ def test_bad_yaml_key(tmp_path):
         load_config(Run, path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(Run, tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    """Every YAML under configs/ is valid for its trainer (a typo in a shipped config fails here, not on a GPU)."""
+    from pathlib import Path
+
+    from forkflow.train.rl import RLConfig
+    from forkflow.train.sft import SFTConfig
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        cfg = load_config(SFTConfig if path.name.startswith("sft") else RLConfig, path)
+        if path.name.startswith("dapo"):
+            assert cfg.optim.lr == 1e-6 and cfg.rollout.n == 16 and cfg.prompts_per_step == 512
+            assert cfg.select.ratio == (0.2 if "top20" in path.name else 1.0)

@@ -52,6 +52,7 @@ class DemoSize:
     rl_lr: float = 2e-5
     max_new_tokens: int = 160
     eval_k: int = 4
+    dynamic_sampling: bool = True
 
 
 def write_data(out: Path, size: DemoSize, seed: int) -> dict:
@@ -98,11 +99,12 @@ def run(out: Path, size: DemoSize | None = None, seed: int = 0, rl_overrides: di
     init_model(out / "init", size, seed)
     say("[2/6] SFT on solver traces (ChunkFlow) ...")
     sft = SFTConfig(batch_size=size.sft_batch, epochs=size.sft_epochs, seed=seed, out=str(out / "sft"),
-                    device="cpu")
+                    device="cpu", save_every=0)
     sft.model.path, sft.data.train = str(out / "init"), str(data / "sft.jsonl")
     sft.chunkflow.chunk_size, sft.chunkflow.keep = 512, 1
     sft.optim.lr, sft.optim.warmup_steps, sft.optim.weight_decay = size.sft_lr, 10, 0.0
-    base = train_sft(sft)
+    base = out / "base"  # the SFT result under a fixed name (configs/rl_tiny.yaml starts from it)
+    base.symlink_to(train_sft(sft).resolve(), target_is_directory=True)
 
     say("[3/6] RLVR: DAPO, top-20 % forking tokens ...")
     rl = RLConfig(prompts_per_step=size.rl_prompts, mini_batch_prompts=size.rl_prompts, steps=size.rl_steps,
@@ -110,6 +112,7 @@ def run(out: Path, size: DemoSize | None = None, seed: int = 0, rl_overrides: di
     rl.model.path, rl.data.train = str(base), str(data / "train.jsonl")
     rl.data.enable_thinking = True
     rl.rollout.n, rl.rollout.max_new_tokens = size.rl_n, size.max_new_tokens
+    rl.algo.dynamic_sampling = size.dynamic_sampling
     rl.reward.verifier = "countdown"
     rl.optim.lr, rl.optim.weight_decay = size.rl_lr, 0.0
     rl.chunkflow.chunk_size = 512

@@ -28,7 +28,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from forkflow.qwen3_tokenizer import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-CHARACTERS = list("0123456789+-*/=()[]{},: \n\\") + sorted(set("boxedUsingthenumbersreach"))
+CHARACTERS = list("0123456789+-*/=()[]{},:> \n\\") + sorted(set("boxed" + "usersystemassistant"))
 MAX_NUMBER = 9
 
 
@@ -82,7 +82,7 @@ def make_problems(seed: int) -> list[dict]:
     rng.shuffle(problems)
     for problem in problems:
         rng.shuffle(problem["numbers"])
-        problem["prompt"] = f"Using the numbers {problem['numbers']}, reach {problem['target']}"
+        problem["prompt"] = " ".join(map(str, problem["numbers"])) + f" -> {problem['target']}"
         problem["answer"] = json.dumps({"target": problem["target"], "numbers": problem["numbers"]})
     return problems
 

@@ -39,18 +39,18 @@ from forkflow.train.sft import train as train_sft
 class DemoSize:
     """The embedded default: sized so the whole job fits in ~10 minutes on 2 CPU cores."""
 
-    heldout: int = 200
-    traces_per_problem: int = 2
+    heldout: int = 100
+    traces_per_problem: int = 4
     hidden: int = 128
     layers: int = 4
-    sft_epochs: int = 3
+    sft_epochs: int = 4
     sft_batch: int = 32
     sft_lr: float = 3e-3
-    rl_steps: int = 30
-    rl_prompts: int = 16
+    rl_steps: int = 20
+    rl_prompts: int = 8
     rl_n: int = 8
     rl_lr: float = 2e-5
-    max_new_tokens: int = 160
+    max_new_tokens: int = 96
     eval_k: int = 4
     dynamic_sampling: bool = True
 
@@ -112,7 +112,7 @@ def run(out: Path, size: DemoSize | None = None, seed: int = 0, rl_overrides: di
     rl.model.path, rl.data.train = str(base), str(data / "train.jsonl")
     rl.data.enable_thinking = True
     rl.rollout.n, rl.rollout.max_new_tokens = size.rl_n, size.max_new_tokens
-    rl.algo.dynamic_sampling = size.dynamic_sampling
+    rl.algo.dynamic_sampling, rl.algo.max_gen_rounds = size.dynamic_sampling, 24
     rl.reward.verifier = "countdown"
     rl.optim.lr, rl.optim.weight_decay = size.rl_lr, 0.0
     rl.chunkflow.chunk_size = 512

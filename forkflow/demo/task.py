@@ -3,14 +3,13 @@ tries, the dead ends, the backtracking) is the chain of thought a tiny Qwen3 lea
 tokenizer in the Qwen3 chat format for it.
 
 A trace tries first steps in a random order, one line each, continuing every first step with the third
-number in all ways until it hits the target:
+number in all ways until it hits the target (here 3 9 7 -> 19):
 
     <think>
-    7-3=4 4+5=9 4*5=20 5-4=1
-    3+5=8 8+7=15 8*7=56 8-7=1 7-8 no
-    5*3=15 15+7=22
+    7-3=4 4+9=13 9-4=5
+    3+9=12 12+7=19
     </think>
-    \\boxed{(5*3)+7}
+    \\boxed{(3+9)+7}
 
 The choice of which first step to try (and which operation next) is where the forks are; the arithmetic
 after `=` is forced. Answers are checked by `forkflow.rewards.verify_countdown`.
@@ -29,51 +28,58 @@ from forkflow.qwen3_tokenizer import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHARACTERS = list("0123456789+-*/=()[]{},:> \n\\") + sorted(set("boxed" + "usersystemassistant"))
-MAX_NUMBER = 9
+MAX_NUMBER = 9  # single-digit numbers: copying one from the prompt is one token
+MIN_TARGET = 5
+# Addition and subtraction keep the arithmetic within reach of a tiny model trained for minutes, so what it
+# has to learn (and what RL can improve) is the search: which pair and operation to try first.
+OPERATIONS = ("+", "-")
 
 
-def _combine(a: int, b: int) -> list[tuple[str, int]]:
-    """The exact integer results of a op b (subtraction and division larger first): [(text, value)]."""
-    hi, lo = max(a, b), min(a, b)
-    out = [(f"{a}+{b}", a + b), (f"{a}*{b}", a * b), (f"{hi}-{lo}", hi - lo)]
-    if lo and hi % lo == 0 and lo != 1:
-        out.append((f"{hi}/{lo}", hi // lo))
-    return out
+def _combine(a: int, b: int, a_expr: str = "", b_expr: str = "") -> list[tuple[str, int, str]]:
+    """a op b for the task's operations (subtraction larger first): [(text as the trace shows it, value,
+    expression over the original numbers, given the expressions a and b stand for)]."""
+    a_expr, b_expr = a_expr or str(a), b_expr or str(b)
+    (hi, hi_expr), (lo, lo_expr) = sorted([(a, a_expr), (b, b_expr)], key=lambda t: -t[0])
+    results = {
+        "+": (f"{a}+{b}", a + b, f"{a_expr}+{b_expr}"),
+        "-": (f"{hi}-{lo}", hi - lo, f"{hi_expr}-{lo_expr}"),
+        "*": (f"{a}*{b}", a * b, f"{a_expr}*{b_expr}"),
+    }
+    return [results[op] for op in OPERATIONS]
 
 
 def solve_trace(numbers: list[int], target: int, rng: random.Random) -> tuple[str, str] | None:
     """(thinking trace, answer expression) of a randomly ordered search, or None when unsolvable."""
     first_steps = [
-        (text, value, numbers[3 - i - j])
+        (text, value, expr, numbers[3 - i - j])
         for i in range(3) for j in range(i + 1, 3)
-        for text, value in _combine(numbers[i], numbers[j])
+        for text, value, expr in _combine(numbers[i], numbers[j])
     ]  # fmt: skip
     rng.shuffle(first_steps)
     lines = []
-    for text, value, third in first_steps:
-        seconds = _combine(value, third)
+    for text, value, expr, third in first_steps:
+        seconds = _combine(value, third, f"({expr})")
         rng.shuffle(seconds)
         line = [f"{text}={value}"]
-        for text2, value2 in seconds:
+        for text2, value2, answer in seconds:
             line.append(f"{text2}={value2}")
             if value2 == target:
                 lines.append(" ".join(line))
-                answer = text2.replace(str(value), f"({text})", 1)
                 return "\n".join(lines), answer
         lines.append(" ".join(line))
     return None
 
 
 def make_problems(seed: int) -> list[dict]:
-    """Every distinct solvable problem (three numbers in 1..9, a target in 10..99), shuffled by `seed`:
+    """Every distinct solvable problem (three numbers in 1..MAX_NUMBER, a target of at least MIN_TARGET), shuffled by `seed`:
     [{numbers, target, prompt, answer (ground-truth JSON for verify_countdown)}]."""
     found = {}
     for triple in itertools.combinations_with_replacement(range(1, MAX_NUMBER + 1), 3):
         a, b, c = triple
         for x, y, z in ((a, b, c), (a, c, b), (b, c, a)):
-            for _, value in _combine(x, y):
-                for _, target in _combine(value, z):
-                    if 10 <= target <= 99:
+            for _, value, _ in _combine(x, y):
+                for _, target, _ in _combine(value, z):
+                    if MIN_TARGET <= target:
                         found[(triple, target)] = None
     rng = random.Random(seed)
     problems = []

@@ -9,13 +9,14 @@ Descending order matters: a chunk's leaf gradient is complete only once all late
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from forkflow.chunkflow.chunks import NO_TARGET, Chunk, chunk_chains
-from forkflow.models.qwen3 import CausalLMOutput, KVCache, Qwen3ForCausalLM
+from forkflow.models.qwen3 import BlockKVCache, CausalLMOutput, Qwen3ForCausalLM
 
 # loss_fn(output of the chunk's forward [1, T, ...], chunk) -> SUM of the chunk's per-token losses (a scalar).
 # The per-token tensors it needs (targets, loss_weights, token_fields) come aligned on the chunk, and the
@@ -26,7 +27,9 @@ LossFn = Callable[[CausalLMOutput, Chunk], torch.Tensor]
 
 def next_token_loss(output: CausalLMOutput, chunk: Chunk) -> torch.Tensor:
     """Σ_t w_t · CE(logits_t, target_t) over the chunk (the SFT loss)."""
-    logits = output.logits[0]  # [T, V]
+    # from the hidden states' row rather than `output.logits[0]`: selecting from [1, T, V] logits would make
+    # the backward allocate a second full [1, T, V] gradient only to copy the [T, V] one into it
+    logits = output.lm_head(output.hidden_states[0])  # [T, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = chunk.targets.to(logits.device)
     ce = F.cross_entropy(logits, targets, ignore_index=NO_TARGET, reduction="none")  # [T]
@@ -48,28 +51,28 @@ def _forward_chunk(
     """Forward chunk `index` of `chain` on top of the per-layer K/V of the chunks before it.
 
     Returns the output and the chunk's own per-layer keys and values [1, KV, T, D], attached to its graph.
-    The prefix is concatenated from the leaf tensors on every call, so each later chunk's gradient lands on
-    (and accumulates in) the leaves' .grad.
+    The earlier chunks' leaves go to the model as blocks, never concatenated (`BlockKVCache`): attention
+    runs over them one by one, so each later chunk's gradient lands on (and accumulates in) the leaves'
+    .grad, and no copy of the prefix, of its gradient or a [T, P + T] mask is made.
     """
     device = model.lm_head.weight.device
     chunk = chain[index]
-    cache = model.new_cache(1)
     prefix = chain[:index]
-    if prefix:
-        cache = KVCache(
-            keys=[torch.cat(layer, dim=2) for layer in zip(*key_leaves[:index], strict=True)],
-            values=[torch.cat(layer, dim=2) for layer in zip(*value_leaves[:index], strict=True)],
-            positions=torch.cat([c.position_ids for c in prefix])[None].to(device),  # [1, P]
-            segments=torch.cat([c.segment_ids for c in prefix])[None].to(device),
-        )
-    P = len(cache)
+    layers = range(model.config.num_hidden_layers)
+    no_tokens = torch.zeros(0, dtype=torch.long)
+    cache = BlockKVCache(
+        keys=[[leaves[layer] for leaves in key_leaves[:index]] for layer in layers],  # per layer [1, KV, C, D]...
+        values=[[leaves[layer] for leaves in value_leaves[:index]] for layer in layers],
+        positions=torch.cat([no_tokens, *(c.position_ids for c in prefix)])[None].to(device),  # [1, P]
+        segments=torch.cat([no_tokens, *(c.segment_ids for c in prefix)])[None].to(device),
+    )
     output = model(
         chunk.input_ids[None].to(device),  # [1, T]
         position_ids=chunk.position_ids[None].to(device),
         segment_ids=chunk.segment_ids[None].to(device),
         cache=cache,
     )
-    return output, [k[:, :, P:] for k in cache.keys], [v[:, :, P:] for v in cache.values]
+    return output, [blocks[-1] for blocks in cache.keys], [blocks[-1] for blocks in cache.values]
 
 
 def _chunk_loss(model, chain, index, key_leaves, value_leaves, loss_fn: LossFn, normalizer: float):
@@ -89,13 +92,45 @@ def _backward_with_leaf_grads(loss, keys, values, key_leaves: list | None, value
     torch.autograd.backward(outputs, grads)
 
 
+class _LeafBuffers:
+    """Storage for the K/V leaves of the recomputed chunks of every chain in a batch, and their gradients:
+    two allocations, sized for the batch's longest chain and reused by each chain in turn.
+
+    Leaves allocated chunk by chunk would sit between each chunk's short-lived activations for the whole
+    chain and fragment the heap; two long-lived blocks do not. Only chunks recomputed later get buffers: a
+    kept chunk's leaves are its graph's own tensors, alive anyway, and autograd gives their gradients.
+    """
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens  # the most tokens of recomputed chunks in one chain
+        self.stored = self.grads = None  # flat, allocated on first use (the K/V tell dtype and device)
+
+    def carve(self, lengths: list[int], own: list[torch.Tensor]) -> tuple[list, list]:
+        """Per chunk of `lengths` tokens: buffers and zeroed gradients shaped like `own` (per-layer keys then
+        values [1, KV, T, D]) with T = the chunk's length, as views of the two blocks."""
+        row = math.prod(own[0].shape) // own[0].shape[2] * len(own)  # elements per token, all layers
+        if self.stored is None:
+            self.stored = own[0].new_empty(self.tokens * row)
+            self.grads = own[0].new_empty(self.tokens * row)
+        stored, grads, offset = [], [], 0
+        for T in lengths:
+            shape = own[0].shape[:2] + (T,) + own[0].shape[3:]
+            size = math.prod(shape)
+            views = [(offset + j * size, shape) for j in range(len(own))]
+            stored.append([self.stored[o : o + size].view(s) for o, s in views])
+            grads.append([self.grads[o : o + size].view(s).zero_() for o, s in views])
+            offset += size * len(own)
+        return stored, grads
+
+
 def _backward_chain(
-    model: Qwen3ForCausalLM, chain: list[Chunk], keep: int, loss_fn: LossFn, normalizer: float
+    model: Qwen3ForCausalLM, chain: list[Chunk], keep: int, loss_fn: LossFn, normalizer: float, buffers: _LeafBuffers
 ) -> float:
     n = len(chain)
     first_kept = max(n - keep, 0)
     key_leaves: list = [None] * n
     value_leaves: list = [None] * n
+    stored = grads = None  # per chunk but the last: leaf buffers (recomputed chunks only) and leaf gradients
     kept = {}  # index -> (scaled loss, own keys, own values) of the chunks whose graphs are kept
     for i in range(n):  # forward ascending; graphs only for the last `keep` chunks
         if i >= first_kept:
@@ -104,9 +139,18 @@ def _backward_chain(
         else:
             with torch.no_grad():  # only the K/V are needed now; the chunk is recomputed for its backward
                 _, keys, values = _forward_chunk(model, chain, i, key_leaves, value_leaves)
-        if i < n - 1:  # the last chunk's K/V feed no later chunk
-            key_leaves[i] = [k.detach().requires_grad_() for k in keys]
-            value_leaves[i] = [v.detach().requires_grad_() for v in values]
+        if i == n - 1:  # the last chunk's K/V feed no later chunk
+            break
+        own = keys + values
+        if grads is None:  # the first chunk's K/V tell the leaves' shape, dtype and device
+            stored, grads = buffers.carve([len(c) for c in chain[:first_kept]], own)
+        if i < first_kept:  # copied now, before any graph saves a leaf: the buffers share one version counter
+            leaves = [buffer.copy_(t).requires_grad_() for buffer, t in zip(stored[i], own, strict=True)]
+            for leaf, grad in zip(leaves, grads[i], strict=True):
+                leaf.grad = grad  # zeros; later chunks' gradients accumulate into it in place
+        else:
+            leaves = [t.detach().requires_grad_() for t in own]
+        key_leaves[i], value_leaves[i] = leaves[: len(keys)], leaves[len(keys) :]
     total = 0.0
     for i in reversed(range(n)):  # kept chunks first, then recompute the rest, all descending
         if i in kept:
@@ -138,8 +182,9 @@ def chunked_backward(
     normalizer = total_loss_weight(chunks) if normalizer is None else normalizer
     if normalizer <= 0:
         raise ValueError("the batch has no loss tokens (all loss weights are 0); nothing to train on")
-    chains = chunk_chains(chunks)
-    return float(sum(_backward_chain(model, chain, keep, loss_fn, normalizer) for chain in chains))
+    chains = sorted(chunk_chains(chunks), key=lambda chain: -sum(len(c) for c in chain))
+    buffers = _LeafBuffers(max(sum(len(c) for c in chain[: max(len(chain) - keep, 0)]) for chain in chains))
+    return float(sum(_backward_chain(model, chain, keep, loss_fn, normalizer, buffers) for chain in chains))
 
 
 def unchunk(pieces: Iterable[tuple[Chunk, torch.Tensor]], lengths: Sequence[int]) -> list[torch.Tensor]:

@@ -46,7 +46,7 @@ class DemoSize:
     sft_epochs: int = 4
     sft_batch: int = 32
     sft_lr: float = 3e-3
-    rl_steps: int = 20
+    rl_steps: int = 8
     rl_prompts: int = 8
     rl_n: int = 8
     rl_lr: float = 2e-5

@@ -101,7 +101,7 @@ def test_parquet_rows(tmp_path, char_tokenizer_dir):
         with pytest.raises(InputError, match="reading parquet needs pyarrow"):
             load_sft_examples(tmp_path / "data.parquet", load_tokenizer(char_tokenizer_dir))
         return
-    pq.write_table(pa.Table.from_pylist([{"prompt": "Hi", "response": "Yo"}, {"prompt": 1, "response": "x"}]),
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Hi", "response": "Yo"}, {"prompt": None, "response": "x"}]),
                    tmp_path / "data.parquet")
     with pytest.raises(InputError, match="data.parquet row 1: field 'prompt'"):
         load_sft_examples(tmp_path / "data.parquet", load_tokenizer(char_tokenizer_dir))

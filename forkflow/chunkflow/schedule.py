@@ -92,65 +92,56 @@ def _backward_with_leaf_grads(loss, keys, values, key_leaves: list | None, value
     torch.autograd.backward(outputs, grads)
 
 
-class _LeafBuffers:
-    """Storage for the K/V leaves of the recomputed chunks of every chain in a batch, and their gradients:
-    two allocations, sized for the batch's longest chain and reused by each chain in turn.
+def _leaf_buffers(lengths: list[int], own: list[torch.Tensor]) -> tuple[list, list]:
+    """Storage for the K/V leaves of a chain's recomputed chunks (`lengths` tokens each) and for their
+    gradients: per chunk, per-layer keys then values shaped like `own` [1, KV, T, D], carved from two
+    allocations (leaves, zeroed gradients) made once for the chain.
 
-    Leaves allocated chunk by chunk would sit between each chunk's short-lived activations for the whole
-    chain and fragment the heap; two long-lived blocks do not. Only chunks recomputed later get buffers: a
-    kept chunk's leaves are its graph's own tensors, alive anyway, and autograd gives their gradients.
+    Leaves and gradients allocated chunk by chunk are long-lived tensors scattered between the chunks'
+    short-lived activations, and they fragment the heap: at 8K tokens with C = 1024 that cost about 17 MB
+    of resident memory on top of their own 14 MB (benchmarks/bench_chunkflow.py, glibc malloc).
     """
+    shapes = [own[0].shape[:2] + (T,) + own[0].shape[3:] for T in lengths for _ in own]
+    sizes = [math.prod(shape) for shape in shapes]
+    views = [
+        [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
+        for flat in (own[0].new_empty(sum(sizes)), own[0].new_zeros(sum(sizes)))
+    ]
+    return [[v[i : i + len(own)] for i in range(0, len(shapes), len(own))] for v in views]
 
-    def __init__(self, tokens: int):
-        self.tokens = tokens  # the most tokens of recomputed chunks in one chain
-        self.stored = self.grads = None  # flat, allocated on first use (the K/V tell dtype and device)
 
-    def carve(self, lengths: list[int], own: list[torch.Tensor]) -> tuple[list, list]:
-        """Per chunk of `lengths` tokens: buffers and zeroed gradients shaped like `own` (per-layer keys then
-        values [1, KV, T, D]) with T = the chunk's length, as views of the two blocks."""
-        row = math.prod(own[0].shape) // own[0].shape[2] * len(own)  # elements per token, all layers
-        if self.stored is None:
-            self.stored = own[0].new_empty(self.tokens * row)
-            self.grads = own[0].new_empty(self.tokens * row)
-        stored, grads, offset = [], [], 0
-        for T in lengths:
-            shape = own[0].shape[:2] + (T,) + own[0].shape[3:]
-            size = math.prod(shape)
-            views = [(offset + j * size, shape) for j in range(len(own))]
-            stored.append([self.stored[o : o + size].view(s) for o, s in views])
-            grads.append([self.grads[o : o + size].view(s).zero_() for o, s in views])
-            offset += size * len(own)
-        return stored, grads
+def _stored_leaves(model, chain, index, key_leaves, value_leaves, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Forward chunk `index` without a graph (it is recomputed for its backward) and copy its per-layer keys
+    then values into `buffers`, made leaves: the copy comes before any graph saves a leaf, as all buffers
+    share one version counter. The chunk's output and own K/V die on return, before the next chunk runs."""
+    with torch.no_grad():
+        _, keys, values = _forward_chunk(model, chain, index, key_leaves, value_leaves)
+    return [buffer.copy_(t).requires_grad_() for buffer, t in zip(buffers, keys + values, strict=True)]
 
 
 def _backward_chain(
-    model: Qwen3ForCausalLM, chain: list[Chunk], keep: int, loss_fn: LossFn, normalizer: float, buffers: _LeafBuffers
+    model: Qwen3ForCausalLM, chain: list[Chunk], keep: int, loss_fn: LossFn, normalizer: float
 ) -> float:
     n = len(chain)
     first_kept = max(n - keep, 0)
     key_leaves: list = [None] * n
     value_leaves: list = [None] * n
-    stored = grads = None  # per chunk but the last: leaf buffers (recomputed chunks only) and leaf gradients
     kept = {}  # index -> (scaled loss, own keys, own values) of the chunks whose graphs are kept
-    for i in range(n):  # forward ascending; graphs only for the last `keep` chunks
-        if i >= first_kept:
-            kept[i] = _chunk_loss(model, chain, i, key_leaves, value_leaves, loss_fn, normalizer)
-            keys, values = kept[i][1:]
-        else:
-            with torch.no_grad():  # only the K/V are needed now; the chunk is recomputed for its backward
-                _, keys, values = _forward_chunk(model, chain, i, key_leaves, value_leaves)
-        if i == n - 1:  # the last chunk's K/V feed no later chunk
-            break
-        own = keys + values
-        if grads is None:  # the first chunk's K/V tell the leaves' shape, dtype and device
-            stored, grads = buffers.carve([len(c) for c in chain[:first_kept]], own)
-        if i < first_kept:  # copied now, before any graph saves a leaf: the buffers share one version counter
-            leaves = [buffer.copy_(t).requires_grad_() for buffer, t in zip(stored[i], own, strict=True)]
+    if first_kept > 0:  # buffers for the recomputed chunks' leaves, shaped after a throwaway K/V of chunk 0
+        with torch.no_grad():
+            _, keys, values = _forward_chunk(model, chain[:1], 0, key_leaves, value_leaves)
+        stored, grads = _leaf_buffers([len(c) for c in chain[:first_kept]], keys + values)
+        del _, keys, values
+    for i in range(n - 1):  # forward ascending; graphs only for the last `keep` chunks; the last feeds none
+        if i < first_kept:
+            leaves = _stored_leaves(model, chain, i, key_leaves, value_leaves, stored[i])
             for leaf, grad in zip(leaves, grads[i], strict=True):
                 leaf.grad = grad  # zeros; later chunks' gradients accumulate into it in place
         else:
-            leaves = [t.detach().requires_grad_() for t in own]
-        key_leaves[i], value_leaves[i] = leaves[: len(keys)], leaves[len(keys) :]
+            kept[i] = _chunk_loss(model, chain, i, key_leaves, value_leaves, loss_fn, normalizer)
+            leaves = [t.detach().requires_grad_() for t in kept[i][1] + kept[i][2]]  # alive in the graph anyway
+        key_leaves[i], value_leaves[i] = leaves[: len(leaves) // 2], leaves[len(leaves) // 2 :]
+    kept[n - 1] = _chunk_loss(model, chain, n - 1, key_leaves, value_leaves, loss_fn, normalizer)  # feeds no chunk
     total = 0.0
     for i in reversed(range(n)):  # kept chunks first, then recompute the rest, all descending
         if i in kept:
@@ -182,9 +173,8 @@ def chunked_backward(
     normalizer = total_loss_weight(chunks) if normalizer is None else normalizer
     if normalizer <= 0:
         raise ValueError("the batch has no loss tokens (all loss weights are 0); nothing to train on")
-    chains = sorted(chunk_chains(chunks), key=lambda chain: -sum(len(c) for c in chain))
-    buffers = _LeafBuffers(max(sum(len(c) for c in chain[: max(len(chain) - keep, 0)]) for chain in chains))
-    return float(sum(_backward_chain(model, chain, keep, loss_fn, normalizer, buffers) for chain in chains))
+    chains = chunk_chains(chunks)
+    return float(sum(_backward_chain(model, chain, keep, loss_fn, normalizer) for chain in chains))
 
 
 def unchunk(pieces: Iterable[tuple[Chunk, torch.Tensor]], lengths: Sequence[int]) -> list[torch.Tensor]:

@@ -71,8 +71,8 @@ def solve_trace(numbers: list[int], target: int, rng: random.Random) -> tuple[st
 
 
 def make_problems(seed: int) -> list[dict]:
-    """Every distinct solvable problem (three numbers in 1..MAX_NUMBER, a target of at least MIN_TARGET), shuffled by `seed`:
-    [{numbers, target, prompt, answer (ground-truth JSON for verify_countdown)}]."""
+    """Every distinct solvable problem (three numbers in 1..MAX_NUMBER, a target of at least MIN_TARGET),
+    shuffled by `seed`: [{numbers, target, prompt, answer (ground-truth JSON for verify_countdown)}]."""
     found = {}
     for triple in itertools.combinations_with_replacement(range(1, MAX_NUMBER + 1), 3):
         a, b, c = triple

@@ -151,7 +151,7 @@ class BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, scale: float, *blocks):
         n = len(blocks) // 2
-        out = lse = None  # out in at least fp32 while merging
+        out = lse = None  # out in at least fp32 while merging, in place
         for b, (k, v) in enumerate(zip(blocks[:n], blocks[n:], strict=True)):
             o, l = _flash_cpu(q, k, v, 0.0, b == n - 1, scale=scale)  # [B, H, Tq, D], [B, H, Tq]
             o = o.to(torch.promote_types(o.dtype, torch.float32))
@@ -159,7 +159,7 @@ class BlockwiseAttention(torch.autograd.Function):
                 out, lse = o, l
             else:
                 merged = torch.logaddexp(lse, l)
-                out = out * (lse - merged).exp()[..., None] + o * (l - merged).exp()[..., None]
+                out.mul_((lse - merged).exp_()[..., None]).add_(o.mul_((l - merged).exp_()[..., None]))
                 lse = merged
         out = out.to(q.dtype)
         ctx.scale = scale
@@ -173,7 +173,7 @@ class BlockwiseAttention(torch.autograd.Function):
         grad_q, grad_blocks = None, []
         for b, (k, v) in enumerate(zip(blocks[:n], blocks[n:], strict=True)):
             gq, gk, gv = _flash_cpu_backward(grad_out, q, k, v, out, lse, 0.0, b == n - 1, scale=ctx.scale)
-            grad_q = gq if grad_q is None else grad_q + gq
+            grad_q = gq if grad_q is None else grad_q.add_(gq)
             grad_blocks.append((gk, gv))
         return grad_q, None, *(g for g, _ in grad_blocks), *(g for _, g in grad_blocks)
 

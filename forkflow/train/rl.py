@@ -11,11 +11,8 @@ all sampling is seeded by (seed, step), so a resumed run continues exactly like 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +24,8 @@ from tqdm import tqdm
 
 from forkflow.chat import load_tokenizer, stop_token_ids
 from forkflow.chunkflow import build_chunks, chunked_backward, chunked_forward, unchunk
-from forkflow.config import ConfigError, load_config, save_config
-from forkflow.jsonl import InputError
-from forkflow.models.checkpoint import CheckpointError, from_pretrained
+from forkflow.config import ConfigError, save_config
+from forkflow.models.checkpoint import from_pretrained
 from forkflow.ops import token_logprobs_and_entropy
 from forkflow.rewards import RewardValues, VerifierPool, resolve_verifier, score_responses
 from forkflow.rl import (
@@ -46,7 +42,7 @@ from forkflow.rl import (
 )
 from forkflow.rollout import SamplingParams, TorchBackend
 from forkflow.train.evaluate import EvalConfig, evaluate_files
-from forkflow.train.rl_data import RLPrompt, load_rl_prompts
+from forkflow.train.rl_data import BOXED_TEMPLATE, RLPrompt, load_rl_prompts
 from forkflow.train.state import (
     ChunkFlowConfig,
     ModelConfig,
@@ -56,6 +52,7 @@ from forkflow.train.state import (
     latest_checkpoint,
     resolve_device,
     restore_trainer_state,
+    run_training_command,
     save_checkpoint,
 )
 
@@ -67,7 +64,7 @@ class DataConfig:
     train: str = ""  # .jsonl/.parquet: verl layout or {problem, answer}
     chat: bool = True  # render with the tokenizer's chat template; false: `template` (base models)
     enable_thinking: bool = True
-    template: str = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    template: str = BOXED_TEMPLATE  # {prompt} is the problem
     max_prompt_tokens: int = 1024
     shuffle: bool = True  # a new seeded order every epoch
 
@@ -466,16 +463,5 @@ class RLTrainer:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="forkflow train", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="YAML config, e.g. configs/rl_tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. select.mode=all optim.lr=2e-6")
-    args = parser.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        last = RLTrainer(load_config(RLConfig, args.config, args.overrides)).train()
-    except (ConfigError, InputError, CheckpointError, FileNotFoundError) as e:
-        print(f"forkflow train: {e}", file=sys.stderr)
-        return 2
-    print(f"forkflow train: finished; checkpoint {last}", file=sys.stderr)
-    return 0
+    return run_training_command("forkflow train", __doc__.split("\n")[0], RLConfig,
+                                lambda cfg: RLTrainer(cfg).train(), "configs/rl_tiny.yaml", argv)

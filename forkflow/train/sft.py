@@ -7,11 +7,9 @@ directories plus the trainer state, written atomically; rerunning with the same 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +28,8 @@ from forkflow.chunkflow import (
     chunked_backward,
     total_loss_weight,
 )
-from forkflow.config import ConfigError, load_config, save_config
-from forkflow.jsonl import InputError
-from forkflow.models.checkpoint import CheckpointError, from_pretrained
+from forkflow.config import ConfigError, save_config
+from forkflow.models.checkpoint import from_pretrained
 from forkflow.train.sft_data import SFTExample, load_sft_examples
 from forkflow.train.state import (
     ChunkFlowConfig,
@@ -43,6 +40,7 @@ from forkflow.train.state import (
     latest_checkpoint,
     resolve_device,
     restore_trainer_state,
+    run_training_command,
     save_checkpoint,
 )
 
@@ -164,16 +162,5 @@ def train(cfg: SFTConfig) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="forkflow sft", description="Supervised fine-tuning on ChunkFlow.")
-    parser.add_argument("config", help="YAML config, e.g. configs/sft_tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=2e-5 chunkflow.keep=2")
-    args = parser.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        last = train(load_config(SFTConfig, args.config, args.overrides))
-    except (ConfigError, InputError, CheckpointError, FileNotFoundError) as e:
-        print(f"forkflow sft: {e}", file=sys.stderr)
-        return 2
-    print(f"forkflow sft: finished; checkpoint {last}", file=sys.stderr)
-    return 0
+    return run_training_command("forkflow sft", "Supervised fine-tuning on ChunkFlow.", SFTConfig, train,
+                                "configs/sft_tiny.yaml", argv)

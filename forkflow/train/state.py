@@ -133,3 +133,28 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
     if Path(path).is_file():
         lines = [line for line in Path(path).read_text().splitlines() if json.loads(line)["step"] <= step]
         Path(path).write_text("".join(line + "\n" for line in lines))
+
+
+def run_training_command(prog: str, description: str, config_cls, train, example: str, argv: list[str]) -> int:
+    """`prog CONFIG.yaml [key=value ...]` for a training loop: parse, join torchrun's process group when
+    launched by it, run `train(config)`, and turn input errors into one line on stderr (exit code 2)."""
+    import argparse
+    import sys
+
+    from forkflow.config import load_config
+    from forkflow.jsonl import InputError
+    from forkflow.models.checkpoint import CheckpointError
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config", help=f"YAML config, e.g. {example}")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=2e-6 chunkflow.keep=2")
+    args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        last = train(load_config(config_cls, args.config, args.overrides))
+    except (ConfigError, InputError, CheckpointError, FileNotFoundError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    print(f"{prog}: finished; checkpoint {last}", file=sys.stderr)
+    return 0

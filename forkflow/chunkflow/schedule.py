@@ -9,13 +9,14 @@ Descending order matters: a chunk's leaf gradient is complete only once all late
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from forkflow.chunkflow.chunks import NO_TARGET, Chunk, chunk_chains
-from forkflow.models.qwen3 import CausalLMOutput, KVCache, Qwen3ForCausalLM
+from forkflow.models.qwen3 import BlockKVCache, CausalLMOutput, Qwen3ForCausalLM
 
 # loss_fn(output of the chunk's forward [1, T, ...], chunk) -> SUM of the chunk's per-token losses (a scalar).
 # The per-token tensors it needs (targets, loss_weights, token_fields) come aligned on the chunk, and the
@@ -26,7 +27,9 @@ LossFn = Callable[[CausalLMOutput, Chunk], torch.Tensor]
 
 def next_token_loss(output: CausalLMOutput, chunk: Chunk) -> torch.Tensor:
     """Σ_t w_t · CE(logits_t, target_t) over the chunk (the SFT loss)."""
-    logits = output.logits[0]  # [T, V]
+    # from the hidden states' row rather than `output.logits[0]`: selecting from [1, T, V] logits would make
+    # the backward allocate a second full [1, T, V] gradient only to copy the [T, V] one into it
+    logits = output.lm_head(output.hidden_states[0])  # [T, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = chunk.targets.to(logits.device)
     ce = F.cross_entropy(logits, targets, ignore_index=NO_TARGET, reduction="none")  # [T]
@@ -48,28 +51,28 @@ def _forward_chunk(
     """Forward chunk `index` of `chain` on top of the per-layer K/V of the chunks before it.
 
     Returns the output and the chunk's own per-layer keys and values [1, KV, T, D], attached to its graph.
-    The prefix is concatenated from the leaf tensors on every call, so each later chunk's gradient lands on
-    (and accumulates in) the leaves' .grad.
+    The earlier chunks' leaves go to the model as blocks, never concatenated (`BlockKVCache`): attention
+    runs over them one by one, so each later chunk's gradient lands on (and accumulates in) the leaves'
+    .grad, and no copy of the prefix, of its gradient or a [T, P + T] mask is made.
     """
     device = model.lm_head.weight.device
     chunk = chain[index]
-    cache = model.new_cache(1)
     prefix = chain[:index]
-    if prefix:
-        cache = KVCache(
-            keys=[torch.cat(layer, dim=2) for layer in zip(*key_leaves[:index], strict=True)],
-            values=[torch.cat(layer, dim=2) for layer in zip(*value_leaves[:index], strict=True)],
-            positions=torch.cat([c.position_ids for c in prefix])[None].to(device),  # [1, P]
-            segments=torch.cat([c.segment_ids for c in prefix])[None].to(device),
-        )
-    P = len(cache)
+    layers = range(model.config.num_hidden_layers)
+    no_tokens = torch.zeros(0, dtype=torch.long)
+    cache = BlockKVCache(
+        keys=[[leaves[layer] for leaves in key_leaves[:index]] for layer in layers],  # per layer [1, KV, C, D]...
+        values=[[leaves[layer] for leaves in value_leaves[:index]] for layer in layers],
+        positions=torch.cat([no_tokens, *(c.position_ids for c in prefix)])[None].to(device),  # [1, P]
+        segments=torch.cat([no_tokens, *(c.segment_ids for c in prefix)])[None].to(device),
+    )
     output = model(
         chunk.input_ids[None].to(device),  # [1, T]
         position_ids=chunk.position_ids[None].to(device),
         segment_ids=chunk.segment_ids[None].to(device),
         cache=cache,
     )
-    return output, [k[:, :, P:] for k in cache.keys], [v[:, :, P:] for v in cache.values]
+    return output, [blocks[-1] for blocks in cache.keys], [blocks[-1] for blocks in cache.values]
 
 
 def _chunk_loss(model, chain, index, key_leaves, value_leaves, loss_fn: LossFn, normalizer: float):
@@ -89,6 +92,54 @@ def _backward_with_leaf_grads(loss, keys, values, key_leaves: list | None, value
     torch.autograd.backward(outputs, grads)
 
 
+class _LeafStore:
+    """The K/V leaves of a chain's recomputed chunks and their gradients, carved from one allocation per
+    dtype (leaves) and one more (gradients, zeroed) made at the chain's first chunk.
+
+    Leaves and gradients allocated chunk by chunk are long-lived tensors scattered between the chunks'
+    short-lived activations, and they fragment the heap: at 8K tokens with C = 1024 that cost about 17 MB
+    of resident memory on top of their own 14 MB (benchmarks/bench_chunkflow.py, glibc malloc).
+    """
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = lengths  # tokens of each recomputed chunk
+        self.stored = self.grads = None  # per chunk: per-layer keys then values [1, KV, T, D]
+
+    def leaves(self, index: int, own: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Chunk `index`'s own K/V copied into its buffers, made leaves whose .grad is its zeroed gradient
+        buffers (later chunks' gradients accumulate there in place). Call this before any graph saves a
+        leaf: the buffers share version counters, and copying bumps them."""
+        if self.stored is None:  # the first chunk's K/V tell shapes and dtypes (autocast mixes them)
+            specs = [(t.shape[:2] + (T,) + t.shape[3:], t.dtype) for T in self.lengths for t in own]
+            self.stored, self.grads = (_carve(specs, own[0].device, zeros) for zeros in (False, True))
+        mine = slice(index * len(own), (index + 1) * len(own))
+        leaves = self.stored[mine]
+        for leaf, grad, t in zip(leaves, self.grads[mine], own, strict=True):
+            leaf.copy_(t).requires_grad_()
+            leaf.grad = grad
+        return leaves
+
+
+def _carve(specs: list[tuple[torch.Size, torch.dtype]], device, zeros: bool) -> list[torch.Tensor]:
+    """Contiguous tensors of the given (shape, dtype), views of one allocation per dtype."""
+    out: list = [None] * len(specs)
+    for dtype in dict.fromkeys(d for _, d in specs):
+        picked = [i for i, (_, d) in enumerate(specs) if d == dtype]
+        sizes = [math.prod(specs[i][0]) for i in picked]
+        flat = (torch.zeros if zeros else torch.empty)(sum(sizes), dtype=dtype, device=device)
+        for i, part in zip(picked, flat.split(sizes), strict=True):
+            out[i] = part.view(specs[i][0])
+    return out
+
+
+def _stored_leaves(model, chain, index, key_leaves, value_leaves, store: _LeafStore) -> list[torch.Tensor]:
+    """Forward chunk `index` without a graph (it is recomputed for its backward) and keep its per-layer keys
+    then values as leaves in `store`; the chunk's output and own K/V die on return."""
+    with torch.no_grad():
+        _, keys, values = _forward_chunk(model, chain, index, key_leaves, value_leaves)
+    return store.leaves(index, keys + values)
+
+
 def _backward_chain(
     model: Qwen3ForCausalLM, chain: list[Chunk], keep: int, loss_fn: LossFn, normalizer: float
 ) -> float:
@@ -96,17 +147,16 @@ def _backward_chain(
     first_kept = max(n - keep, 0)
     key_leaves: list = [None] * n
     value_leaves: list = [None] * n
+    store = _LeafStore([len(c) for c in chain[:first_kept]])
     kept = {}  # index -> (scaled loss, own keys, own values) of the chunks whose graphs are kept
-    for i in range(n):  # forward ascending; graphs only for the last `keep` chunks
-        if i >= first_kept:
-            kept[i] = _chunk_loss(model, chain, i, key_leaves, value_leaves, loss_fn, normalizer)
-            keys, values = kept[i][1:]
+    for i in range(n - 1):  # forward ascending; graphs only for the last `keep` chunks; the last feeds none
+        if i < first_kept:
+            leaves = _stored_leaves(model, chain, i, key_leaves, value_leaves, store)
         else:
-            with torch.no_grad():  # only the K/V are needed now; the chunk is recomputed for its backward
-                _, keys, values = _forward_chunk(model, chain, i, key_leaves, value_leaves)
-        if i < n - 1:  # the last chunk's K/V feed no later chunk
-            key_leaves[i] = [k.detach().requires_grad_() for k in keys]
-            value_leaves[i] = [v.detach().requires_grad_() for v in values]
+            kept[i] = _chunk_loss(model, chain, i, key_leaves, value_leaves, loss_fn, normalizer)
+            leaves = [t.detach().requires_grad_() for t in kept[i][1] + kept[i][2]]  # alive in the graph anyway
+        key_leaves[i], value_leaves[i] = leaves[: len(leaves) // 2], leaves[len(leaves) // 2 :]
+    kept[n - 1] = _chunk_loss(model, chain, n - 1, key_leaves, value_leaves, loss_fn, normalizer)  # feeds no chunk
     total = 0.0
     for i in reversed(range(n)):  # kept chunks first, then recompute the rest, all descending
         if i in kept:

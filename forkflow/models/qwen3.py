@@ -102,7 +102,6 @@ class AttentionLayout:
     causal: bool = False
     _bias: dict = field(default_factory=dict)
 
-    @cached_property
     def mask(self) -> torch.Tensor:  # [B, 1, Tq, Tk] bool
         same = self.q_segments[:, :, None] == self.k_segments[:, None, :]
         causal = self.k_positions[:, None, :] <= self.q_positions[:, :, None]
@@ -110,18 +109,88 @@ class AttentionLayout:
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The mask as an additive bias (0 / -inf), built once per forward and shared by all layers: SDPA
-        would otherwise expand a bool mask into a new float tensor in every layer and keep it for backward."""
+        would otherwise expand a bool mask into a new float tensor in every layer and keep it for backward.
+        The bool mask itself is not kept (a quarter of the bias's size, for nothing)."""
         if dtype not in self._bias:
             zero = torch.zeros((), dtype=dtype, device=self.q_positions.device)
-            self._bias[dtype] = zero.masked_fill(~self.mask, float("-inf"))
+            self._bias[dtype] = zero.masked_fill(~self.mask(), float("-inf"))
         return self._bias[dtype]
 
+    @cached_property
+    def continues_one_document(self) -> bool:
+        """Whether the queries are one document continuing after all the earlier keys (a ChunkFlow dependent
+        chunk): every earlier key is visible to every query, and the last Tq keys are the queries' own, with
+        strictly increasing positions, so plain top-left causal attention over them is the rule exactly."""
+        P = self.k_positions.shape[1] - self.q_positions.shape[1]
+        first = self.q_segments[:, :1]
+        return bool(
+            (self.q_segments == first).all()
+            and (self.k_segments == first).all()
+            and torch.equal(self.k_positions[:, P:], self.q_positions)
+            and (self.q_positions.diff(dim=1) > 0).all()
+            and (self.k_positions[:, :P] <= self.q_positions[:, :1]).all()
+        )
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float):
-    """Scaled dot-product attention, q [B, H, Tq, D], k/v [B, KV, Tk, D] -> [B, H, Tq, D].
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class BlockwiseAttention(torch.autograd.Function):
+    """Attention of q [B, H, Tq, D] over key/value blocks [B, KV, Tb, D] that are all fully visible except
+    the last (the queries' own keys, Tb = Tq, causal), without concatenating them or building a mask.
+
+    Each block runs PyTorch's CPU flash kernel, which returns its softmax-normalised output o_b and
+    log-sum-exp l_b; the exact result is out = Σ_b exp(l_b - L) o_b with L = logsumexp_b l_b. The backward
+    of attention needs only (q, k_b, v_b, out, L) per block (flash attention's backward recomputes the
+    probabilities as exp(s - L) and uses rowsum(dout · out)), so each block's kernel backward, given the
+    merged out and L, yields that block's exact share of the gradient (as in ring attention). Saved for
+    backward: q, out, L and references to the blocks; the blocks' gradients are returned per block.
+    """
+
+    @staticmethod
+    def forward(ctx, q, scale: float, *blocks):
+        n = len(blocks) // 2
+        out = lse = None  # out in at least fp32 while merging, in place
+        for b, (k, v) in enumerate(zip(blocks[:n], blocks[n:], strict=True)):
+            o, l = _flash_cpu(q, k, v, 0.0, b == n - 1, scale=scale)  # [B, H, Tq, D], [B, H, Tq]
+            o = o.to(torch.promote_types(o.dtype, torch.float32))
+            if out is None:
+                out, lse = o, l
+            else:
+                merged = torch.logaddexp(lse, l)
+                out.mul_((lse - merged).exp_()[..., None]).add_(o.mul_((l - merged).exp_()[..., None]))
+                lse = merged
+        out = out.to(q.dtype)
+        ctx.scale = scale
+        ctx.save_for_backward(q, out, lse, *blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, out, lse, *blocks = ctx.saved_tensors
+        n = len(blocks) // 2
+        grad_q, grad_blocks = None, []
+        for b, (k, v) in enumerate(zip(blocks[:n], blocks[n:], strict=True)):
+            gq, gk, gv = _flash_cpu_backward(grad_out, q, k, v, out, lse, 0.0, b == n - 1, scale=ctx.scale)
+            grad_q = gq if grad_q is None else grad_q.add_(gq)
+            grad_blocks.append((gk, gv))
+        return grad_q, None, *(g for g, _ in grad_blocks), *(g for _, g in grad_blocks)
+
+
+def attend(q: torch.Tensor, k, v, layout: AttentionLayout, scale: float):
+    """Scaled dot-product attention, q [B, H, Tq, D], k/v [B, KV, Tk, D] -> [B, H, Tq, D]; k/v may also be
+    lists of blocks along Tk (from a `BlockKVCache`), the last block the queries' own.
 
     The one place attention is computed: a GPU kernel (flash varlen, flex) slots in here.
     """
+    if isinstance(k, list):
+        if q.device.type == "cpu" and layout.continues_one_document:
+            if torch.is_autocast_enabled("cpu"):  # cast as autocast casts scaled_dot_product_attention's inputs
+                dtype = torch.get_autocast_dtype("cpu")
+                q, k, v = q.to(dtype), [b.to(dtype) for b in k], [b.to(dtype) for b in v]
+            return BlockwiseAttention.apply(q, scale, *k, *v)
+        k, v = torch.cat(k, dim=2), torch.cat(v, dim=2)
     gqa = q.shape[1] != k.shape[1]
     if layout.causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -198,6 +267,26 @@ class StaticKVCache(KVCache):
                 self.value_buffers[layer] = self.value_buffers[layer][rows]
                 self.keys[layer] = self.key_buffers[layer][:, :, :filled]
                 self.values[layer] = self.value_buffers[layer][:, :, :filled]
+        self.positions, self.segments = self.positions[rows], self.segments[rows]
+
+
+class BlockKVCache(KVCache):
+    """A KVCache that keeps earlier tokens' keys/values as a list of blocks per layer (ChunkFlow's per-chunk
+    K/V leaves) and appends the new ones as one more block, never concatenating them.
+
+    When the queries continue one document (`AttentionLayout.continues_one_document`), `attend` runs over
+    the blocks one at a time and merges them exactly, so neither a [P + T] copy of the keys and values (kept
+    for backward, and then its gradient) nor a [T, P + T] mask is made, and gradients land on the blocks.
+    """
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer] = [*self.keys[layer], k]
+        self.values[layer] = [*self.values[layer], v]
+        return self.keys[layer], self.values[layer]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.keys = [[k[rows] for k in blocks] for blocks in self.keys]
+        self.values = [[v[rows] for v in blocks] for blocks in self.values]
         self.positions, self.segments = self.positions[rows], self.segments[rows]
 
 

@@ -19,6 +19,7 @@ from forkflow.chunkflow import (
     assign_ranks,
     attention_pair_cost,
     build_chunks,
+    build_micro_batches,
     chunk_chains,
     chunk_cost,
     chunked_backward,
@@ -97,6 +98,23 @@ def test_gradients_match_full_backward(case, moe):
     assert loss == pytest.approx(ref_loss, abs=1e-12)
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_padded_micro_batches_match_full_backward(moe):
+    """The padded baseline through the same schedule and loss: right-padded forwards, same gradients."""
+    lengths = [3, 17, 5, 2, 12, 4, 1, 9]
+    model = tiny_model(moe)
+    seqs, weights = random_batch(lengths, weighted=True)
+    chunks = build_micro_batches(seqs, 3, loss_weights=weights)
+    assert [[s.sequence for s in c.spans] for c in chunks] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert all(c.padded and not c.dependent for c in chunks)
+    targets = sum(int(w[1:].sum()) for w in weights)
+    ref_loss, ref = reference_gradients(model, seqs, weights, cross_entropy, targets)
+    model.zero_grad()
+    loss = chunked_backward(model, chunks)
+    assert max_grad_diff(model, ref) <= 1e-10
+    assert loss == pytest.approx(ref_loss, abs=1e-12)
+
+
 def test_custom_loss_with_token_fields_and_global_normalizer():
     """The RL policy loss's shape: a per-token tensor aligned to the chunk, a normaliser passed in."""
     model = tiny_model(moe=False)
@@ -120,7 +138,8 @@ def test_custom_loss_with_token_fields_and_global_normalizer():
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_chunked_forward_matches_full_forward(moe):
-    """Per-position values (here next-token log-probs) gathered back per sequence, as the RL update uses."""
+    """Per-position values (here next-token log-probs) gathered back per sequence, as the RL update uses;
+    ChunkFlow chunks and padded micro-batches alike."""
     model = tiny_model(moe)
     seqs, _ = random_batch([3, 17, 5, 1, 12])
 
@@ -128,12 +147,13 @@ def test_chunked_forward_matches_full_forward(moe):
         logp = -F.cross_entropy(output.logits[0], chunk.targets, ignore_index=NO_TARGET, reduction="none")
         return torch.stack([logp, chunk.position_ids.double()], dim=-1)  # [T, 2]
 
-    per_sequence = chunked_forward(model, build_chunks(seqs, 5), logprobs, num_sequences=len(seqs))
-    for seq, values in zip(seqs, per_sequence, strict=True):
-        logits = model(seq[None]).logits[0, :-1]
-        expected = -F.cross_entropy(logits, seq[1:], reduction="none")
-        assert torch.allclose(values[:-1, 0], expected, atol=1e-12, rtol=0)
-        assert values[-1, 0] == 0 and torch.equal(values[:, 1], torch.arange(len(seq)).double())
+    for chunks in (build_chunks(seqs, 5), build_micro_batches(seqs, 2)):
+        per_sequence = chunked_forward(model, chunks, logprobs, num_sequences=len(seqs))
+        for seq, values in zip(seqs, per_sequence, strict=True):
+            logits = model(seq[None]).logits[0, :-1]
+            expected = -F.cross_entropy(logits, seq[1:], reduction="none")
+            assert torch.allclose(values[:-1, 0], expected, atol=1e-12, rtol=0)
+            assert values[-1, 0] == 0 and torch.equal(values[:, 1], torch.arange(len(seq)).double())
 
 
 DDP_LENGTHS = [3, 13, 5, 2, 11, 4, 7]

@@ -235,10 +235,10 @@ def test_selection_metrics_match_hand_values():
     assert metrics["entropy/selected_mean"] == pytest.approx((0.9 + 0.7 + 0.5) / 3)
     assert metrics["entropy/unselected_mean"] == pytest.approx((0.1 + 0.3 + 0.2 + 0.4) / 4)
     # ranks by entropy 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9 -> quintile rank*5//7 = 0, 0, 1, 2, 2, 3, 4
-    # clipped (response tokens only): 0.1 and 0.9
-    assert metrics["select/clipfrac_q1"] == pytest.approx(0.5)
-    assert metrics["select/clipfrac_q2"] == 0.0 and metrics["select/clipfrac_q3"] == 0.0
-    assert metrics["select/clipfrac_q4"] == 0.0 and metrics["select/clipfrac_q5"] == 1.0
+    # clip fractions over the kept tokens 0.5 (q3), 0.7 (q4), 0.9 (q5, clipped); 0.1 is clipped but not kept
+    assert math.isnan(metrics["select/clipfrac_q1"]) and math.isnan(metrics["select/clipfrac_q2"])
+    assert metrics["select/clipfrac_q3"] == 0.0 and metrics["select/clipfrac_q4"] == 0.0
+    assert metrics["select/clipfrac_q5"] == 1.0
 
 
 def test_check_loss_saw_selection_fails_loudly_on_a_mismatch():

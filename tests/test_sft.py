@@ -1,11 +1,13 @@
 """SFT: assistant-only loss masks, data errors that name file and line, training that lowers the loss,
-exact resume from a checkpoint, and the `forkflow sft` command on configs/sft_tiny.yaml."""
+exact resume from a checkpoint, padded batching, the metrics log (JSON lines, TensorBoard), and the
+`forkflow sft` command on configs/sft_tiny.yaml."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,12 @@ from transformers import PreTrainedTokenizerFast
 
 from forkflow import cli
 from forkflow.chat import load_tokenizer
-from forkflow.config import load_config
+from forkflow.config import ConfigError, load_config
 from forkflow.jsonl import InputError, write_jsonl
 from forkflow.models.checkpoint import read_state_dict
 from forkflow.train.sft import SFTConfig, train
 from forkflow.train.sft_data import load_sft_examples, sft_example
-from forkflow.train.state import OptimConfig, lr_factor
+from forkflow.train.state import MetricsLog, OptimConfig, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = (
@@ -166,6 +168,41 @@ def test_sft_lowers_the_loss_and_resumes_exactly(sft_setup, tmp_path):
     final_full = read_state_dict(tmp_path / "full" / "checkpoints" / "step-00000012")
     final_resumed = read_state_dict(resumed_dir / "checkpoints" / "step-00000012")
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
+def test_padded_batching_gives_the_chunkflow_steps(sft_setup, tmp_path):
+    common = [*sft_setup, "batch_size=4", "max_steps=2", "chunkflow.chunk_size=24", "chunkflow.keep=2"]
+    chunkflow = run_sft([*common, f"out={tmp_path / 'chunkflow'}"])
+    padded = run_sft([*common, f"out={tmp_path / 'padded'}", "chunkflow.batching=padded",
+                      "chunkflow.micro_batch_size=3"])
+    assert any(r["chunks"] > 4 for r in chunkflow) and all(r["chunks"] == 2 for r in padded)  # 4 = 3 + 1
+    for a, b in zip(chunkflow, padded, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_metrics_log_resumes_in_json_lines_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLog(tmp_path, 0, tensorboard=True) as log:
+        for step in (1, 2, 3):
+            log.write({"step": step, "loss": float(step), "note": "text is not a scalar"})
+    with MetricsLog(tmp_path, 1, tensorboard=True) as log:  # resumed after step 1: steps 2, 3 come again
+        log.write({"step": 2, "loss": 20.0})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 20.0)]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["loss"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 20.0)]
+
+
+def test_tensorboard_without_the_package_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
+        MetricsLog(tmp_path, 0, tensorboard=True)
+    MetricsLog(tmp_path, 0).write({"step": 1, "loss": 0.5})  # JSON lines alone need nothing
 
 
 def test_sft_command_writes_hf_checkpoints(sft_setup, tmp_path, capsys):

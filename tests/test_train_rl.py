@@ -12,6 +12,7 @@ from forkflow.config import load_config
 from forkflow.demo.task import build_char_tokenizer, make_problems
 from forkflow.jsonl import InputError, write_jsonl
 from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained
+from forkflow.rewards import VerifierPool
 from forkflow.rl import select_tokens
 from forkflow.train.rl import Response, RLConfig, RLTrainer
 from forkflow.train.state import latest_checkpoint
@@ -42,18 +43,22 @@ def tiny_config(root, out, **overrides) -> RLConfig:
     return load_config(RLConfig, None, items)
 
 
+def random_batch(seed=0, size=6) -> list[Response]:
+    """Random prompts and responses (two groups of three), advantages -1, 0, 1, 0 reward."""
+    g = torch.Generator().manual_seed(seed)
+    return [Response(i // 3, torch.randint(5, 40, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g),
+                     torch.randint(5, 40, (int(torch.randint(2, 11, (1,), generator=g)),), generator=g),
+                     False, 0.0, False, advantage=float(i % 3) - 1.0) for i in range(size)]
+
+
 def test_update_gradient_equals_direct_formula(setup, tmp_path):
     """ChunkFlow update (sequences split across chunks) vs. a plain full forward of the DAPO loss."""
     trainer = RLTrainer(tiny_config(setup, tmp_path / "run", **{"chunkflow.chunk_size": 7}))
-    g = torch.Generator().manual_seed(0)
-    batch = [Response(i // 3, torch.randint(5, 40, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g),
-                      torch.randint(5, 40, (int(torch.randint(2, 11, (1,), generator=g)),), generator=g),
-                      False, 0.0, False, advantage=float(i % 3) - 1.0) for i in range(6)]
+    batch = random_batch()
     model = trainer.model
-    old = [torch.cat([torch.zeros(len(r.prompt_ids) - 1), torch.full((len(r.token_ids),), -3.0), torch.zeros(1)])
-           for r in batch]  # position space: a fixed old policy so ratios differ from 1 and clipping bites
+    old = [torch.full((len(r.token_ids),), -3.0) for r in batch]  # a fixed old policy: ratios ≠ 1, clipping bites
     model.zero_grad()
-    metrics = trainer.accumulate_gradients(batch, old, 0)
+    metrics = trainer.accumulate_gradients(batch, old)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()
@@ -82,6 +87,99 @@ def test_update_gradient_equals_direct_formula(setup, tmp_path):
     assert metrics["select/kept_frac"] == pytest.approx(int(selected.sum()) / int(mask.sum()))
     for n, p in model.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_padded_batching_gives_the_chunkflow_gradients(setup, tmp_path):
+    """chunkflow.batching=padded runs both passes in right-padded micro-batches: same selection, same loss."""
+    batch = random_batch(1)
+    old = [torch.full((len(r.token_ids),), -2.5) for r in batch]
+    grads, metrics = [], []
+    for batching in ("chunkflow", "padded"):
+        trainer = RLTrainer(tiny_config(setup, tmp_path / batching, **{
+            "chunkflow.batching": batching, "chunkflow.chunk_size": 5, "chunkflow.micro_batch_size": 4}))
+        calls = []  # the shapes of the model's forwards
+        trainer.model.register_forward_pre_hook(lambda module, args, record=calls.append: record(args[0].shape))
+        trainer.model.zero_grad()
+        metrics.append(trainer.accumulate_gradients(batch, old))
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        if batching == "padded":  # 6 sequences in micro-batches of 4 and 2, twice (no-grad pass, grad pass)
+            widths = [max(len(r.prompt_ids) + len(r.token_ids) for r in part) for part in (batch[:4], batch[4:])]
+            assert [tuple(c) for c in calls] == [(4, widths[0]), (2, widths[1])] * 2
+        else:
+            assert all(shape[0] == 1 and shape[1] <= 5 for shape in calls)
+    assert metrics[0]["select/kept_frac"] == metrics[1]["select/kept_frac"]
+    assert metrics[0]["pg/loss"] == pytest.approx(metrics[1]["pg/loss"], abs=1e-6)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
+
+
+SAMPLING = {  # (temperature, top_p): whether the rollout's own statistics are the update's quantities
+    (1.0, 1.0): True,  # the engine's T = 1 log-probs
+    (0.7, 1.0): True,  # its sampling log-probs, unfiltered at T
+    (1.0, 0.9): True,  # T = 1 log-probs are of the unfiltered distribution whatever top-p keeps
+    (0.7, 0.9): False,  # sampling log-probs after top-p: not log softmax(z/T), recomputed
+}
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), SAMPLING)
+def test_rollout_statistics_are_the_updates_or_absent(setup, tmp_path, temperature, top_p):
+    trainer = RLTrainer(tiny_config(setup, tmp_path / "run", **{
+        "rollout.temperature": temperature, "rollout.top_p": top_p, "rollout.max_new_tokens": 16}))
+    with VerifierPool(1, 10.0) as pool:
+        batch, _ = trainer.generate_batch(pool, {"gen": 0.0, "reward": 0.0})
+    if not SAMPLING[temperature, top_p]:
+        assert all(r.rollout_logprobs is None and r.rollout_entropies is None for r in batch)
+        return
+    logprobs, entropies = trainer.response_statistics(trainer.model, batch)  # a teacher-forced forward
+    for r, lp, ent in zip(batch, logprobs, entropies, strict=True):
+        assert torch.allclose(r.rollout_logprobs, lp, atol=1e-5), (r.rollout_logprobs, lp)
+        assert torch.allclose(r.rollout_entropies, ent, atol=1e-5)
+    bf16 = RLTrainer(tiny_config(setup, tmp_path / "bf16", precision="bf16"))
+    sample = trainer.backend.generate([batch[0].prompt_ids.tolist()], trainer.sampling(0))[0][0]
+    assert bf16.rollout_statistics(sample) == (None, None)
+
+
+def run_step(trainer, monkeypatch) -> tuple[list[dict], int]:
+    """One train_step; returns each mini-batch update's gradients and the number of no-grad forwards."""
+    grads, forwards = [], []
+    accumulate, statistics = trainer.accumulate_gradients, trainer.response_statistics
+
+    def recorded(*args):
+        metrics = accumulate(*args)
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        return metrics
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", recorded)
+    monkeypatch.setattr(trainer, "response_statistics", lambda *a: forwards.append(1) or statistics(*a))
+    with VerifierPool(1, 10.0) as pool:
+        trainer.train_step(pool)
+    return grads, len(forwards)
+
+
+def test_reusing_the_rollout_statistics_gives_the_recomputed_gradients(setup, tmp_path, monkeypatch):
+    """Two mini-batches (lr 0, so both runs see the same weights): the rollout's entropies rank the first and
+    its log-probs are the second's π_old, against the same from teacher-forced no-grad forwards."""
+    cfg = {"optim.lr": 0.0, "rollout.max_new_tokens": 16, "select.scope": "mini"}
+    reused = RLTrainer(tiny_config(setup, tmp_path / "reused", **cfg))
+    got, forwards = run_step(reused, monkeypatch)
+    assert forwards == 1  # the second mini-batch's ranking only
+    forced = RLTrainer(tiny_config(setup, tmp_path / "forced", **cfg))
+    monkeypatch.setattr(forced, "rollout_statistics", lambda sample: (None, None))
+    want, forwards = run_step(forced, monkeypatch)
+    assert forwards == 2  # π_old of the batch before the first update, the second mini-batch's ranking
+    assert len(got) == len(want) == 2
+    for a, b in zip(got, want, strict=True):
+        for n in a:
+            assert torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_filtered_sampling_recomputes(setup, tmp_path, monkeypatch):
+    trainer = RLTrainer(tiny_config(setup, tmp_path / "run", prompts_per_step=1, **{
+        "rollout.temperature": 0.7, "rollout.top_p": 0.9}))
+    assert run_step(trainer, monkeypatch)[1] == 1  # one mini-batch: its ranking forward
+    trainer = RLTrainer(tiny_config(setup, tmp_path / "unfiltered", prompts_per_step=1, **{
+        "rollout.temperature": 0.7}))
+    assert run_step(trainer, monkeypatch)[1] == 0  # ranked by the rollout's entropies, on-policy
 
 
 def test_train_writes_metrics_and_a_transformers_checkpoint(setup, tmp_path):

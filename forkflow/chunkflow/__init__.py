@@ -1,7 +1,15 @@
 """ChunkFlow (arXiv:2503.02356): variable-length batches trained as chunks of at most C tokens, with
 activation memory bounded by K chunks whatever the longest sequence."""
 
-from forkflow.chunkflow.chunks import NO_TARGET, Chunk, Span, build_chunks, chunk_chains, first_fit_decreasing
+from forkflow.chunkflow.chunks import (
+    NO_TARGET,
+    Chunk,
+    Span,
+    build_chunks,
+    build_micro_batches,
+    chunk_chains,
+    first_fit_decreasing,
+)
 from forkflow.chunkflow.placement import all_reduce_gradients, assign_ranks, attention_pair_cost, chunk_cost
 from forkflow.chunkflow.schedule import (
     LossFn,
@@ -21,6 +29,7 @@ __all__ = [
     "assign_ranks",
     "attention_pair_cost",
     "build_chunks",
+    "build_micro_batches",
     "chunk_chains",
     "chunk_cost",
     "chunked_backward",

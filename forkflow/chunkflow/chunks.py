@@ -2,7 +2,9 @@
 
 Sequences longer than C are split into consecutive dependent chunks; the others are bin-packed (first-fit
 decreasing) into standalone chunks. Labels are shifted at the sequence level before splitting, so a
-chunk's last token predicts the next chunk's first token.
+chunk's last token predicts the next chunk's first token. The baseline ChunkFlow is compared with, padded
+micro-batches of whole sequences, is built here too (`build_micro_batches`), as chunks that the schedule
+runs as right-padded batches, so that one loss function serves both.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ class Span(NamedTuple):
 
 @dataclass
 class Chunk:
-    """At most C tokens run as one [1, T] forward: packed whole sequences, or one piece of a long one.
+    """At most C tokens run as one [1, T] forward: packed whole sequences, or one piece of a long one; or, with
+    `padded`, whole sequences run as one right-padded [B, L_max] forward (`build_micro_batches`).
 
     Per-token tensors are aligned with `targets`: entry t describes the token predicted at position t
-    (loss weight, and any `token_fields` such as advantages or old log-probs).
+    (loss weight, and any `token_fields` such as advantages or old log-probs). A padded chunk's tensors are
+    the same concatenation of its sequences, padding excluded: the forward's output comes back in that order.
     """
 
     input_ids: torch.Tensor  # [T] long
@@ -41,6 +45,7 @@ class Chunk:
     spans: tuple[Span, ...]  # the documents, in order; a dependent chunk has exactly one
     part: int = 0  # index of this chunk among its sequence's chunks
     num_parts: int = 1  # 1: standalone; > 1: one of the dependent chunks of a long sequence
+    padded: bool = False  # run as a right-padded batch of its documents (one row each), not one packed row
 
     @property
     def dependent(self) -> bool:
@@ -88,7 +93,8 @@ def _shift(ids: torch.Tensor, weights: torch.Tensor, fields: dict[str, torch.Ten
     return _ShiftedSequence(ids, targets, shifted_weights, shifted_fields)
 
 
-def _make_chunk(spans: list[Span], shifted: list[_ShiftedSequence], part: int = 0, num_parts: int = 1):
+def _make_chunk(spans: list[Span], shifted: list[_ShiftedSequence], part: int = 0, num_parts: int = 1,
+                padded: bool = False):
     def gather(get) -> torch.Tensor:
         return torch.cat([get(shifted[s.sequence])[s.start : s.stop] for s in spans])
 
@@ -102,7 +108,31 @@ def _make_chunk(spans: list[Span], shifted: list[_ShiftedSequence], part: int = 
         spans=tuple(spans),
         part=part,
         num_parts=num_parts,
+        padded=padded,
     )
+
+
+def _shifted_sequences(
+    sequences: Sequence[Sequence[int] | torch.Tensor],
+    loss_weights: Sequence[Sequence[float] | torch.Tensor] | None,
+    token_fields: dict[str, Sequence[torch.Tensor]] | None,
+) -> list[_ShiftedSequence]:
+    """Each sequence with its targets, weights and fields shifted (see `build_chunks`), inputs checked."""
+    token_fields = token_fields or {}
+    shifted = []
+    for i, seq in enumerate(sequences):
+        ids = torch.as_tensor(seq, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError(f"sequence {i} is empty")
+        weights = torch.ones(len(ids)) if loss_weights is None else torch.as_tensor(loss_weights[i])
+        weights = weights if weights.is_floating_point() else weights.float()
+        fields = {name: torch.as_tensor(values[i]) for name, values in token_fields.items()}
+        for name, t in [("loss_weights", weights), *fields.items()]:
+            if t.shape[:1] != ids.shape:
+                entries = t.shape[0] if t.dim() else 0
+                raise ValueError(f"sequence {i}: {name} has {entries} entries for {len(ids)} tokens")
+        shifted.append(_shift(ids, weights, fields))
+    return shifted
 
 
 def build_chunks(
@@ -120,21 +150,7 @@ def build_chunks(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    token_fields = token_fields or {}
-    shifted = []
-    for i, seq in enumerate(sequences):
-        ids = torch.as_tensor(seq, dtype=torch.long).reshape(-1)
-        if ids.numel() == 0:
-            raise ValueError(f"sequence {i} is empty")
-        weights = torch.ones(len(ids)) if loss_weights is None else torch.as_tensor(loss_weights[i])
-        weights = weights if weights.is_floating_point() else weights.float()
-        fields = {name: torch.as_tensor(values[i]) for name, values in token_fields.items()}
-        for name, t in [("loss_weights", weights), *fields.items()]:
-            if t.shape[:1] != ids.shape:
-                entries = t.shape[0] if t.dim() else 0
-                raise ValueError(f"sequence {i}: {name} has {entries} entries for {len(ids)} tokens")
-        shifted.append(_shift(ids, weights, fields))
-
+    shifted = _shifted_sequences(sequences, loss_weights, token_fields)
     lengths = [len(q.input_ids) for q in shifted]
     short = [i for i, n in enumerate(lengths) if n <= chunk_size]
     bins = first_fit_decreasing([lengths[i] for i in short], chunk_size)
@@ -146,6 +162,28 @@ def build_chunks(
                 span = Span(i, start, min(start + chunk_size, n))
                 chunks.append(_make_chunk([span], shifted, part, len(starts)))
     return chunks
+
+
+def build_micro_batches(
+    sequences: Sequence[Sequence[int] | torch.Tensor],
+    micro_batch_size: int,
+    loss_weights: Sequence[Sequence[float] | torch.Tensor] | None = None,
+    token_fields: dict[str, Sequence[torch.Tensor]] | None = None,
+) -> list[Chunk]:
+    """The padded baseline: consecutive groups of `micro_batch_size` whole sequences, in data order, each a
+    `padded` chunk that the schedule runs as one [B, L_max] right-padded forward with an attention mask.
+
+    Arguments and per-token tensors as in `build_chunks`, so the same loss function runs on either; the
+    chunks are standalone whatever their length (there is no C).
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    shifted = _shifted_sequences(sequences, loss_weights, token_fields)
+    spans = [Span(i, 0, len(q.input_ids)) for i, q in enumerate(shifted)]
+    return [
+        _make_chunk(spans[start : start + micro_batch_size], shifted, padded=True)
+        for start in range(0, len(spans), micro_batch_size)
+    ]
 
 
 def chunk_chains(chunks: Sequence[Chunk]) -> list[list[Chunk]]:

@@ -5,6 +5,8 @@ values as detached leaves that later chunks attend to; only the last K chunks ke
 backpropagated in descending order, then the other N - K are recomputed and backpropagated, also
 descending, each injecting the gradient its K/V leaves accumulated from every later chunk (DESIGN §4).
 Descending order matters: a chunk's leaf gradient is complete only once all later chunks are done.
+The padded baseline's micro-batches (`build_micro_batches`) go through the same functions, one right-padded
+forward each.
 """
 
 from __future__ import annotations
@@ -50,13 +52,16 @@ def _forward_chunk(
 ) -> tuple[CausalLMOutput, list[torch.Tensor], list[torch.Tensor]]:
     """Forward chunk `index` of `chain` on top of the per-layer K/V of the chunks before it.
 
-    Returns the output and the chunk's own per-layer keys and values [1, KV, T, D], attached to its graph.
-    The earlier chunks' leaves go to the model as blocks, never concatenated (`BlockKVCache`): attention
-    runs over them one by one, so each later chunk's gradient lands on (and accumulates in) the leaves'
-    .grad, and no copy of the prefix, of its gradient or a [T, P + T] mask is made.
+    Returns the output and the chunk's own per-layer keys and values [1, KV, T, D], attached to its graph
+    (none for a padded chunk, which stands alone: `_padded_forward`). The earlier chunks' leaves go to the
+    model as blocks, never concatenated (`BlockKVCache`): attention runs over them one by one, so each later
+    chunk's gradient lands on (and accumulates in) the leaves' .grad, and no copy of the prefix, of its
+    gradient or a [T, P + T] mask is made.
     """
     device = model.lm_head.weight.device
     chunk = chain[index]
+    if chunk.padded:
+        return _padded_forward(model, chunk), [], []
     prefix = chain[:index]
     layers = range(model.config.num_hidden_layers)
     no_tokens = torch.zeros(0, dtype=torch.long)
@@ -73,6 +78,21 @@ def _forward_chunk(
         cache=cache,
     )
     return output, [blocks[-1] for blocks in cache.keys], [blocks[-1] for blocks in cache.values]
+
+
+def _padded_forward(model: Qwen3ForCausalLM, chunk: Chunk) -> CausalLMOutput:
+    """A padded chunk's documents as one right-padded [B, L_max] forward with an attention mask; the output's
+    hidden states (and router logits) of the real tokens come back as [1, T, ...] in the chunk's order, so a
+    loss function cannot tell it from a packed chunk. No K/V is kept: padded chunks stand alone."""
+    device = model.lm_head.weight.device
+    lengths = torch.tensor([span.stop - span.start for span in chunk.spans])
+    real = torch.arange(int(lengths.max()))[None] < lengths[:, None]  # [B, L_max], row-major = chunk order
+    input_ids = torch.zeros(real.shape, dtype=torch.long)
+    input_ids[real] = chunk.input_ids
+    real = real.to(device)
+    output = model(input_ids.to(device), attention_mask=real.long())
+    router_logits = tuple(r[real.flatten()] for r in output.router_logits)  # [B·L_max, E] -> [T, E]
+    return CausalLMOutput(output.hidden_states[real][None], output.lm_head, router_logits)
 
 
 def _chunk_loss(model, chain, index, key_leaves, value_leaves, loss_fn: LossFn, normalizer: float):

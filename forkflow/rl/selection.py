@@ -147,8 +147,10 @@ def selection_metrics(
     select/threshold          lowest entropy among kept tokens (the top-k cut-off in `top` mode)
     entropy/mean              mean entropy of response tokens
     entropy/selected_mean     ... of kept tokens;  entropy/unselected_mean: of the other response tokens
-    select/clipfrac_q1..q5    with `clipped` (from the policy loss): fraction of response tokens whose
-                              gradient the clip cut, per entropy quintile of the response tokens (q1 lowest)
+    select/clipfrac_q1..q5    with `clipped` (from the policy loss): fraction of the loss's tokens (the
+                              kept ones, the only ones whose ratio the update computes) whose gradient the
+                              clip cut, per entropy quintile of the response tokens (q1 lowest); a quintile
+                              without kept tokens is NaN (in `top` mode at ρ = 0.2, all but q5)
     An empty set gives NaN.
     """
     response = response_mask.bool()
@@ -172,7 +174,7 @@ def selection_metrics(
         quintile = rank * 5 // max(values.numel(), 1)
         clipped_response = clipped.bool()[response].float()
         for q in range(5):
-            stats[f"select/clipfrac_q{q + 1}"] = mean(clipped_response[quintile == q])
+            stats[f"select/clipfrac_q{q + 1}"] = mean(clipped_response[(quintile == q) & kept])
     return dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))
 
 

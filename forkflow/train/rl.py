@@ -2,15 +2,22 @@
 `forkflow train CONFIG.yaml [key=value ...]`.
 
 One step: prompts -> rollouts (n per prompt) -> rewards -> dynamic sampling (more rounds until the batch is
-full) -> group advantages -> for each mini-batch: a no-grad forward of the current policy gives the entropies
-(temperature-scaled) that rank tokens, the selection becomes per-token loss weights, and the PPO/DAPO loss
-runs through ChunkFlow (or padded micro-batches, for comparison) -> optimizer step -> metrics, eval,
-checkpoint. A checkpoint holds the model (Hugging Face layout), optimizer, LR schedule and data position;
-all sampling is seeded by (seed, step), so a resumed run continues exactly like an uninterrupted one.
+full) -> group advantages -> for each mini-batch: the current policy's entropies (temperature-scaled) rank
+tokens, the selection becomes per-token loss weights, and the PPO/DAPO loss runs through ChunkFlow (or
+padded micro-batches, `chunkflow.batching=padded`, for comparison) -> optimizer step -> metrics, eval,
+checkpoint. The first mini-batch's update starts from the weights that sampled the batch: it is on-policy
+(ratio 1) and ranks by the rollout's own entropies when those are the update's quantity (see
+`RLTrainer.rollout_statistics`); later mini-batches take their old log-probs from the rollout too (or from
+one no-grad forward before the first update) and rank by a no-grad forward of the moved policy. The LM
+head, most of the cost at Qwen3's vocabulary, runs only on the rows that need it: response tokens in the
+no-grad forward, the loss's tokens (the selected ones) in the gradient pass. A checkpoint holds the model
+(Hugging Face layout), optimizer, LR schedule and data position; all sampling is seeded by (seed, step),
+so a resumed run continues exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,10 +27,11 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from forkflow.chat import load_tokenizer, stop_token_ids
-from forkflow.chunkflow import build_chunks, chunked_backward, chunked_forward, unchunk
+from forkflow.chunkflow import chunked_backward, chunked_forward, unchunk
 from forkflow.config import ConfigError, save_config
 from forkflow.models.checkpoint import from_pretrained
 from forkflow.ops import token_logprobs_and_entropy
@@ -40,23 +48,22 @@ from forkflow.rl import (
     select_tokens_global,
     selection_metrics,
 )
-from forkflow.rollout import SamplingParams, TorchBackend
+from forkflow.rollout import Sample, SamplingParams, TorchBackend
 from forkflow.train.evaluate import EvalConfig, evaluate_files
 from forkflow.train.rl_data import BOXED_TEMPLATE, RLPrompt, load_rl_prompts
+from forkflow.train.state import METRICS as METRICS  # the run directory's metrics file, for its readers
 from forkflow.train.state import (
     ChunkFlowConfig,
+    MetricsLog,
     ModelConfig,
     OptimConfig,
     build_optimizer,
-    keep_metrics_up_to,
     latest_checkpoint,
     resolve_device,
     restore_trainer_state,
     run_training_command,
     save_checkpoint,
 )
-
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -108,8 +115,9 @@ class AlgoConfig:
 class SelectionConfig:
     mode: Literal["all", "top", "bottom", "random"] = "top"  # top: forking tokens; bottom: the other 1-ρ
     ratio: float = 0.2  # ρ
-    scope: Literal["micro", "mini", "global"] = "global"  # ranking pool: micro-batch | mini-batch | all ranks
-    micro_batch_size: int = 8  # sequences per ranking pool when scope is micro
+    # ranking pool: micro-batch (chunkflow.micro_batch_size sequences: with padded batching, each forward's
+    # micro-batch, as the official code) | mini-batch | the mini-batch over all ranks
+    scope: Literal["micro", "mini", "global"] = "global"
     denominator: Literal["selected", "all"] = "selected"  # token-mean over selected tokens, or all (TRL)
 
 
@@ -133,6 +141,7 @@ class RLConfig:
     out: str = "runs/rl"
     save_every: int = 0  # steps between checkpoints; 0: only after the last step
     progress: bool = True
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars into `out` (extra: tensorboard)
 
 
 def check_config(cfg: RLConfig) -> None:
@@ -145,6 +154,11 @@ def check_config(cfg: RLConfig) -> None:
             f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of mini_batch_prompts "
             f"({cfg.mini_batch_prompts})"
         )
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature must be > 0 (the update's log-probs are at it), got "
+                          f"{cfg.rollout.temperature}")
+    if cfg.chunkflow.micro_batch_size < 1:
+        raise ConfigError(f"chunkflow.micro_batch_size must be >= 1, got {cfg.chunkflow.micro_batch_size}")
     if cfg.rollout.n < 2:
         raise ConfigError(f"rollout.n must be >= 2 (group-relative advantages need a group), got {cfg.rollout.n}")
     if cfg.reward.overlong_buffer >= cfg.rollout.max_new_tokens:
@@ -164,6 +178,10 @@ class Response:
     reward: float  # after overlong shaping
     correct: bool
     advantage: float = 0.0
+    # [R] log softmax(z/T)[token] and H(softmax(z/T)) of the policy that sampled it, T the rollout
+    # temperature, as the rollout computed them; None when they are not what the update would compute
+    rollout_logprobs: torch.Tensor | None = None
+    rollout_entropies: torch.Tensor | None = None
 
 
 class PromptStream:
@@ -266,9 +284,29 @@ class RLTrainer:
                                                  cfg.reward.overlong_factor)
         return [
             Response(offset + g, torch.tensor(p.prompt_ids), s.token_ids.cpu(), s.finish_reason == "length",
-                     float(r), c)
+                     float(r), c, 0.0, *self.rollout_statistics(s))
             for (g, p, s), r, c in zip(flat, rewards.tolist(), scored.correct, strict=True)
         ]
+
+    def rollout_statistics(self, sample: Sample) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A sample's per-token (log-probs, entropies) when they are exactly what the update computes for the
+        policy that sampled it, log softmax(z/T)[token] and H(softmax(z/T)) with T the rollout temperature;
+        else (None, None), and the update computes them itself.
+
+        The engine's `entropies` are H(softmax(z/T)) of the unfiltered distribution, always that quantity.
+        Its `logprobs` are log softmax(z)[token], T = 1 and unfiltered: the quantity when T = 1. Its
+        `sample_logprobs` are of the distribution actually sampled, after top-k / top-p: the quantity when
+        nothing is filtered. A bf16 update computes its own under autocast while the rollout runs in fp32;
+        the gap (bf16 rounding) would read as a policy change, so bf16 always recomputes.
+        """
+        r = self.cfg.rollout
+        if self.cfg.precision != "fp32":
+            return None, None
+        if r.temperature == 1.0:
+            return sample.logprobs.cpu(), sample.entropies.cpu()
+        if r.top_k == 0 and r.top_p == 1.0:
+            return sample.sample_logprobs.cpu(), sample.entropies.cpu()
+        return None, None
 
     @staticmethod
     def rollout_metrics(seen: list[Response], kept: list[Response]) -> dict:
@@ -284,54 +322,62 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------------------------- update
 
-    def response_tensors(self, batch: list[Response], per_position: list[torch.Tensor]) -> torch.Tensor:
-        """Per-sequence position-space values (entry t describes token t+1) -> response space [B, R_max]."""
-        out = torch.zeros(len(batch), max(len(r.token_ids) for r in batch), dtype=per_position[0].dtype)
-        for b, (r, values) in enumerate(zip(batch, per_position, strict=True)):
-            P, R = len(r.prompt_ids), len(r.token_ids)
-            out[b, :R] = values[P - 1 : P - 1 + R]
-        return out
+    @staticmethod
+    def token_space(batch: list[Response], values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per response [R] -> per sequence [P + R], entry i describing token i (prompt tokens: 0)."""
+        return [torch.cat([v.new_zeros(len(r.prompt_ids)), v]) for r, v in zip(batch, values, strict=True)]
 
-    def token_space(self, batch: list[Response], response_values: torch.Tensor) -> list[torch.Tensor]:
-        """Response space [B, R_max] -> per-sequence token space [L] (entry i describes token i; prompt: 0)."""
-        out = []
-        for b, r in enumerate(batch):
-            P, R = len(r.prompt_ids), len(r.token_ids)
-            values = torch.zeros(P + R, dtype=response_values.dtype)
-            values[P:] = response_values[b, :R]
-            out.append(values)
-        return out
+    @staticmethod
+    def response_space(batch: list[Response], per_position: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per sequence position space [P + R] (entry t describes token t+1) -> per response [R]."""
+        return [v[len(r.prompt_ids) - 1 : len(r.prompt_ids) - 1 + len(r.token_ids)]
+                for r, v in zip(batch, per_position, strict=True)]
 
-    def policy_forward(self, model, batch: list[Response]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """No-grad forward: per sequence (position space) log-probs and entropies at the rollout temperature."""
-        sequences = [torch.cat([r.prompt_ids, r.token_ids]) for r in batch]
-        chunks = build_chunks(sequences, self.cfg.chunkflow.chunk_size)
+    @staticmethod
+    def sequences(batch: list[Response]) -> list[torch.Tensor]:
+        return [torch.cat([r.prompt_ids, r.token_ids]) for r in batch]
+
+    def response_statistics(self, model, batch: list[Response], rows: list[torch.Tensor] | None = None
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """No-grad forward: per response [R], log π(token) and H(π) at the rollout temperature.
+
+        The LM head runs only on the positions predicting a response token, or only those `rows` marks
+        (per response [R] bool); the others get 0.
+        """
+        rows = rows if rows is not None else [torch.ones(len(r.token_ids)) for r in batch]
+        # the chunks' loss weights mark the positions whose statistics are wanted
+        chunks = self.cfg.chunkflow.build(self.sequences(batch), loss_weights=self.token_space(batch, rows))
         temperature = self.cfg.rollout.temperature
 
-        def stats(output, chunk):
-            targets = chunk.targets.clamp(min=0).to(self.device)
-            lp, ent = token_logprobs_and_entropy(output.hidden_states[0], model.lm_head.weight, targets, temperature)
-            return torch.stack([lp, ent], dim=-1).cpu()
+        def stats(output, chunk):  # [T, 2]: log-prob and entropy
+            at = chunk.loss_weights.nonzero()[:, 0].to(self.device)
+            lp, ent = token_logprobs_and_entropy(output.hidden_states[0][at], model.lm_head.weight,
+                                                 chunk.targets.to(self.device)[at], temperature)
+            out = lp.new_zeros(len(chunk), 2)
+            out[at] = torch.stack([lp, ent], dim=-1)
+            return out.cpu()
 
         with torch.no_grad(), self.autocast():
-            per_sequence = chunked_forward(model, chunks, stats, num_sequences=len(sequences))
-        return [s[:, 0] for s in per_sequence], [s[:, 1] for s in per_sequence]
+            per_sequence = chunked_forward(model, chunks, stats, num_sequences=len(batch))
+        per_response = self.response_space(batch, per_sequence)
+        return [v[:, 0] for v in per_response], [v[:, 1] for v in per_response]
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def select(self, entropy: torch.Tensor, mask: torch.Tensor, generator) -> torch.Tensor:
-        s = self.cfg.select
+        s, size = self.cfg.select, self.cfg.chunkflow.micro_batch_size
         if s.scope == "micro":
             parts = [select_tokens(e, m, s.mode, s.ratio, generator)
-                     for e, m in zip(entropy.split(s.micro_batch_size), mask.split(s.micro_batch_size), strict=True)]
+                     for e, m in zip(entropy.split(size), mask.split(size), strict=True)]
             return torch.cat(parts)
         group = self.group if s.scope == "global" else None
         return select_tokens_global([entropy], [mask], s.mode, s.ratio, generator, group)[0]
 
-    def update(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None, index: int) -> dict:
+    def update(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None,
+               entropies: list[torch.Tensor] | None, index: int) -> dict:
         """One optimizer update on a mini-batch (see `accumulate_gradients`), with gradient clipping."""
-        metrics = self.accumulate_gradients(batch, old_logprobs, index)
+        metrics = self.accumulate_gradients(batch, old_logprobs, entropies, index)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
         metrics.update(grad_norm=grad_norm.item(), lr=self.scheduler.get_last_lr()[0])
         self.optimizer.step()
@@ -339,44 +385,60 @@ class RLTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
-    def accumulate_gradients(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None, index: int) -> dict:
-        """Policy-loss gradients of a mini-batch into .grad; old_logprobs (position space) None = on-policy."""
+    def accumulate_gradients(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None = None,
+                             entropies: list[torch.Tensor] | None = None, index: int = 0) -> dict:
+        """Policy-loss gradients of a mini-batch into .grad; returns its metrics.
+
+        old_logprobs: per response [R], log π_old(token) at the rollout temperature. None means on-policy
+        (the weights still are the ones that sampled the batch): π_old = π_θ, so the gradient pass's own
+        log-probs, detached, stand for it and every ratio is exactly 1 (as verl does on-policy).
+        entropies: per response [R], the current policy's entropies at the rollout temperature, which rank
+        the tokens; None: a no-grad forward computes them. index: the mini-batch's place in the step (seeds
+        random selection).
+
+        The gradient pass runs the LM head only on the loss's tokens (w ≠ 0, the selected ones): every other
+        token adds w · ℓ = 0 to the loss and nothing to the gradient.
+        """
         cfg = self.cfg
-        logprobs, entropies = self.policy_forward(self.model, batch)
-        old = old_logprobs if old_logprobs is not None else logprobs
-        mask = self.response_tensors(batch, [torch.ones_like(e) for e in entropies]).bool()  # [B, R]
-        entropy = self.response_tensors(batch, entropies)  # [B, R]
+        if entropies is None:
+            entropies = self.response_statistics(self.model, batch)[1]
+        mask = pad_sequence([torch.ones(len(r.token_ids), dtype=torch.bool) for r in batch], batch_first=True)
+        entropy = pad_sequence(entropies, batch_first=True)  # [B, R]
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step * 131 + index)
-        selected = self.select(entropy, mask, generator)
+        selected = self.select(entropy, mask, generator)  # [B, R]
         weights, normaliser = loss_weights(selected, mask, cfg.algo.loss_agg, cfg.select.denominator,
                                            norm_length=cfg.rollout.max_new_tokens,
                                            group=self.group if cfg.select.scope == "global" else None)
-        advantages = torch.tensor([r.advantage for r in batch])[:, None].expand_as(weights)
-        fields = {
-            "old_logprobs": self.token_space(batch, self.response_tensors(batch, old)),
-            "advantages": self.token_space(batch, advantages.contiguous()),
-        }
+        lengths = [len(r.token_ids) for r in batch]
+        fields = {"advantages": [torch.full((n,), r.advantage) for r, n in zip(batch, lengths, strict=True)]}
+        if old_logprobs is not None:
+            fields["old_logprobs"] = old_logprobs
         if self.reference is not None:
-            fields["ref_logprobs"] = self.token_space(
-                batch, self.response_tensors(batch, self.policy_forward(self.reference, batch)[0]))
-        sequences = [torch.cat([r.prompt_ids, r.token_ids]) for r in batch]
-        chunks = build_chunks(sequences, cfg.chunkflow.chunk_size, loss_weights=self.token_space(batch, weights),
-                              token_fields=fields)
+            rows = [row[:n] for row, n in zip(selected, lengths, strict=True)]
+            fields["ref_logprobs"] = self.response_statistics(self.reference, batch, rows)[0]
+        sequences = self.sequences(batch)
+        chunks = cfg.chunkflow.build(
+            sequences, loss_weights=self.token_space(batch, [w[:n] for w, n in zip(weights, lengths, strict=True)]),
+            token_fields={name: self.token_space(batch, values) for name, values in fields.items()},
+        )
         totals = {"stats": None, "clipped": []}
 
         def loss_fn(output, chunk):
-            f = {k: v.to(self.device) for k, v in chunk.token_fields.items()}
-            targets = chunk.targets.clamp(min=0).to(self.device)
-            lp, ent = token_logprobs_and_entropy(output.hidden_states[0], self.model.lm_head.weight, targets,
+            at = chunk.loss_weights.nonzero()[:, 0]  # the loss's tokens: the only rows the LM head sees
+            f = {k: v[at].to(self.device) for k, v in chunk.token_fields.items()}
+            lp, ent = token_logprobs_and_entropy(output.hidden_states[0][at.to(self.device)],
+                                                 self.model.lm_head.weight, chunk.targets[at].to(self.device),
                                                  cfg.rollout.temperature)
             result = ppo_policy_loss(
-                lp, f["old_logprobs"], f["advantages"], chunk.loss_weights.to(self.device),
+                lp, f.get("old_logprobs", lp.detach()), f["advantages"], chunk.loss_weights[at].to(self.device),
                 clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, clip_dual=cfg.algo.clip_dual,
                 ref_logprobs=f.get("ref_logprobs"), kl_coef=cfg.algo.kl_coef, kl_estimator=cfg.algo.kl_estimator,
                 entropy=ent if cfg.algo.entropy_coef else None, entropy_coef=cfg.algo.entropy_coef,
             )
             totals["stats"] = result.stats if totals["stats"] is None else totals["stats"] + result.stats
-            totals["clipped"].append((chunk, result.clipped.detach().cpu()))
+            clipped = torch.zeros(len(chunk), dtype=torch.bool)
+            clipped[at] = result.clipped.detach().cpu()
+            totals["clipped"].append((chunk, clipped))
             return result.loss_sum
 
         self.model.train()
@@ -385,9 +447,18 @@ class RLTrainer:
                                     normalizer=float(normaliser))
         stats: PolicyLossStats = totals["stats"]
         check_loss_saw_selection(cfg.select.mode, int(selected.sum()), int(stats.tokens))
-        clipped = self.response_tensors(batch, unchunk(totals["clipped"], [len(s) for s in sequences]))
+        clipped = self.response_space(batch, unchunk(totals["clipped"], [len(s) for s in sequences]))
         return {"pg/loss": loss, **stats.metrics(),
-                **selection_metrics(entropy, mask, selected, clipped.bool())}
+                **selection_metrics(entropy, mask, selected, pad_sequence(clipped, batch_first=True))}
+
+    def sampling_policy_statistics(self, batch: list[Response], later_updates: bool
+                                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Per response [R]: log-probs and entropies at the rollout temperature of the policy that sampled
+        the batch (the weights before this step's first update). The rollout's own when they are what the
+        update computes; else a no-grad forward, if later mini-batches need old log-probs; else None."""
+        if all(r.rollout_logprobs is not None for r in batch):
+            return [r.rollout_logprobs for r in batch], [r.rollout_entropies for r in batch]
+        return self.response_statistics(self.model, batch) if later_updates else None
 
     # --------------------------------------------------------------------------------------------- loop
 
@@ -404,11 +475,15 @@ class RLTrainer:
         update_began = time.perf_counter()
         per_update = cfg.mini_batch_prompts * cfg.rollout.n
         minis = [batch[i : i + per_update] for i in range(0, len(batch), per_update)]
-        old = None if len(minis) == 1 else self.policy_forward(self.model, batch)[0]
+        sampled = self.sampling_policy_statistics(batch, later_updates=len(minis) > 1)
         updates = []
         for i, mini in enumerate(minis):
-            mini_old = None if old is None else old[i * per_update : (i + 1) * per_update]
-            updates.append(self.update(mini, mini_old, i))
+            part = slice(i * per_update, (i + 1) * per_update)
+            # the first update starts from the sampling weights: on-policy, ranked by the sampler's entropies
+            # when known; later ones need π_old and rank by their own (moved) policy's entropies
+            old = None if i == 0 else sampled[0][part]
+            entropies = sampled[1][part] if i == 0 and sampled is not None else None
+            updates.append(self.update(mini, old, entropies, i))
         for key in updates[0]:
             record[key] = sum(u[key] for u in updates) / len(updates)
         now = time.perf_counter()
@@ -434,18 +509,17 @@ class RLTrainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-            keep_metrics_up_to(self.out / METRICS, self.step)
+        log = MetricsLog(self.out, self.step, cfg.tensorboard) if self.rank == 0 else contextlib.nullcontext()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="rl", dynamic_ncols=True,
                    disable=not (cfg.progress and self.rank == 0))
-        with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool, bar:
+        with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool, bar, log:
             while self.step < cfg.steps:
                 record = {"step": self.step + 1, **self.train_step(pool)}
                 self.step += 1
                 if cfg.eval.files and cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
                     record.update(self.evaluate(pool))
                 if self.rank == 0:
-                    with open(self.out / METRICS, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    log.write(record)
                 bar.update()
                 bar.set_postfix(reward=f"{record['reward/mean']:.3f}", acc=f"{record['acc/mean']:.3f}",
                                 kept=f"{record['select/kept_frac']:.2f}")

@@ -1,15 +1,15 @@
 """Supervised fine-tuning with ChunkFlow batching: `forkflow sft CONFIG.yaml [key=value ...]`.
 
 Each step takes `batch_size` examples, cuts them into chunks of at most C tokens, runs the state-aware
-schedule (activations of at most K chunks in memory), clips and steps AdamW. Checkpoints are Hugging Face
+schedule (activations of at most K chunks in memory), clips and steps AdamW (`chunkflow.batching=padded`
+runs padded micro-batches instead, the baseline ChunkFlow is compared with). Checkpoints are Hugging Face
 directories plus the trainer state, written atomically; rerunning with the same `out` resumes exactly.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,6 @@ from forkflow.chunkflow import (
     all_reduce_gradients,
     assign_ranks,
     attention_pair_cost,
-    build_chunks,
     chunked_backward,
     total_loss_weight,
 )
@@ -33,18 +32,16 @@ from forkflow.models.checkpoint import from_pretrained
 from forkflow.train.sft_data import SFTExample, load_sft_examples
 from forkflow.train.state import (
     ChunkFlowConfig,
+    MetricsLog,
     ModelConfig,
     OptimConfig,
     build_optimizer,
-    keep_metrics_up_to,
     latest_checkpoint,
     resolve_device,
     restore_trainer_state,
     run_training_command,
     save_checkpoint,
 )
-
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -68,6 +65,7 @@ class SFTConfig:
     out: str = "runs/sft"  # checkpoints/ and metrics.jsonl; a run whose `out` holds checkpoints resumes
     save_every: int = 0  # steps between checkpoints; 0: only after the last step
     progress: bool = True  # tqdm progress bar on stderr
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars into `out` (extra: tensorboard)
 
 
 def check_config(cfg: SFTConfig) -> None:
@@ -76,7 +74,8 @@ def check_config(cfg: SFTConfig) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train is required: a .jsonl or .parquet file of conversations")
     counts = {"chunkflow.chunk_size": cfg.chunkflow.chunk_size, "chunkflow.keep": cfg.chunkflow.keep,
-              "batch_size": cfg.batch_size, "epochs": cfg.epochs}
+              "chunkflow.micro_batch_size": cfg.chunkflow.micro_batch_size, "batch_size": cfg.batch_size,
+              "epochs": cfg.epochs}
     for key, value in counts.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -95,8 +94,7 @@ def batch_indices(step: int, num_examples: int, cfg: SFTConfig) -> list[int]:
 
 def train_step(model, examples: list[SFTExample], cfg: SFTConfig, rank: int, world: int) -> dict:
     """Forward/backward of one global batch (this rank's share of its chunks); gradients summed over ranks."""
-    chunks = build_chunks([e.input_ids for e in examples], cfg.chunkflow.chunk_size,
-                          loss_weights=[e.loss_mask for e in examples])
+    chunks = cfg.chunkflow.build([e.input_ids for e in examples], loss_weights=[e.loss_mask for e in examples])
     normalizer = total_loss_weight(chunks)  # over the whole batch: every rank divides by the same count
     mine = assign_ranks(chunks, world, attention_pair_cost(model.config))[rank] if world > 1 else chunks
     device = model.lm_head.weight.device
@@ -129,10 +127,9 @@ def train(cfg: SFTConfig) -> Path | None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "sft.yaml")
-        keep_metrics_up_to(out / METRICS, start)
     last = resume_from
     show_bar = cfg.progress and rank == 0
-    with open(out / METRICS, "a") if rank == 0 else open(os.devnull, "w") as metrics, tqdm(
+    with MetricsLog(out, start, cfg.tensorboard) if rank == 0 else contextlib.nullcontext() as log, tqdm(
         total=total_steps, initial=start, desc="sft", disable=not show_bar, dynamic_ncols=True
     ) as bar:
         for step in range(start, total_steps):
@@ -148,8 +145,8 @@ def train(cfg: SFTConfig) -> Path | None:
             record = {"step": step + 1, "epoch": (step + 1) * cfg.batch_size / len(examples), **record,
                       "lr": lr, "grad_norm": grad_norm.item(), "step_s": seconds,
                       "tokens_per_s": record["tokens"] / seconds}
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if log is not None:
+                log.write(record)
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             if step + 1 == total_steps or cfg.save_every and (step + 1) % cfg.save_every == 0:

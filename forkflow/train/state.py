@@ -1,5 +1,6 @@
 """What the training loops share: model/optimizer/ChunkFlow config sections, AdamW with warmup + cosine or
-constant LR, the device, and atomic Hugging Face checkpoints that resume exactly (optimizer, schedule, RNG).
+constant LR, the device, the metrics log (metrics.jsonl, optionally TensorBoard), and atomic Hugging Face
+checkpoints that resume exactly (optimizer, schedule, RNG).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from forkflow.chunkflow import Chunk, build_chunks, build_micro_batches
 from forkflow.config import ConfigError
 
 TRAINER_STATE = "trainer_state.pt"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -29,8 +32,23 @@ class ModelConfig:
 
 @dataclass
 class ChunkFlowConfig:
+    batching: Literal["chunkflow", "padded"] = "chunkflow"  # padded: the baseline, for comparison
     chunk_size: int = 4096  # C: tokens per chunk
     keep: int = 1  # K: chunks of one long sequence whose activations are in memory at once
+    micro_batch_size: int = 8  # padded: sequences per right-padded micro-batch (RL: also select.scope=micro)
+
+    def build(
+        self,
+        sequences: list[torch.Tensor],
+        loss_weights: list[torch.Tensor] | None = None,
+        token_fields: dict[str, list[torch.Tensor]] | None = None,
+    ) -> list[Chunk]:
+        """The batch as ChunkFlow chunks (at most C tokens), or as padded micro-batches of `micro_batch_size`
+        sequences in data order; either runs through `chunked_backward` / `chunked_forward` with the same
+        loss function and gives the same gradients."""
+        if self.batching == "padded":
+            return build_micro_batches(sequences, self.micro_batch_size, loss_weights, token_fields)
+        return build_chunks(sequences, self.chunk_size, loss_weights, token_fields)
 
 
 @dataclass
@@ -128,11 +146,43 @@ def restore_trainer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, sc
     return state["step"]
 
 
-def keep_metrics_up_to(path: Path, step: int) -> None:
-    """Drop metrics lines logged after `step` (a resumed run logs those steps again)."""
-    if Path(path).is_file():
-        lines = [line for line in Path(path).read_text().splitlines() if json.loads(line)["step"] <= step]
-        Path(path).write_text("".join(line + "\n" for line in lines))
+class MetricsLog:
+    """The run's step log: `metrics.jsonl` in the run directory, one JSON object per step, and with
+    `tensorboard` the same numbers as TensorBoard scalars (tag = metric name, global step = `step`) in the
+    run directory too. Opened on a run resumed after `step` steps, it drops what was logged later (those
+    steps are logged again), in both. A context manager."""
+
+    def __init__(self, out: Path, step: int, tensorboard: bool = False):
+        self.path = Path(out) / METRICS
+        if self.path.is_file():
+            lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in lines))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError(
+                    "tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]'"
+                ) from e
+            self.writer = SummaryWriter(str(out), purge_step=step + 1)
+
+    def write(self, record: dict) -> None:
+        """Append one step's record (it has `step`); numbers other than `step` also go to TensorBoard."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def run_training_command(prog: str, description: str, config_cls, train, example: str, argv: list[str]) -> int:

@@ -27,7 +27,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from forkflow.qwen3_tokenizer import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-CHARACTERS = list("0123456789+-*/=()[]{},:> \n\\") + sorted(set("boxed" + "usersystemassistant"))
+CHARACTERS = list("+-*/=()[]{},:> \n\\") + sorted(set("boxed" + "usersystemassistant"))
+NUMBERS = [str(i) for i in range(100)]  # one token each: copying and adding numbers are single-token steps
 MAX_NUMBER = 9  # single-digit numbers: copying one from the prompt is one token
 MIN_TARGET = 5
 # Addition and subtraction keep the arithmetic within reach of a tiny model trained for minutes, so what it
@@ -110,11 +111,11 @@ def build_char_tokenizer(out_dir: str | Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in CHARACTERS:
-        vocab.setdefault(ch, len(vocab))
+    for piece in CHARACTERS + NUMBERS:
+        vocab.setdefault(piece, len(vocab))
     vocab["<unk>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d+|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS[:3])
     tok.add_tokens(SPECIAL_TOKENS[3:])

@@ -35,10 +35,12 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float
 
 
 class _ChunkedLogprobEntropy(torch.autograd.Function):
-    """Forward and backward both loop over row chunks; only each row's logsumexp is saved between them.
+    """Forward and backward both loop over row chunks; only each row's logsumexp and entropy are saved.
 
-    d log p(y) / d z = (onehot(y) - p) / T for z the unscaled logits, so the backward recomputes one chunk's
-    logits at a time (a second LM-head matmul per chunk) instead of keeping [T, V] probabilities.
+    With z = x / T the scaled logits, p = softmax(z), g and h the upstream gradients of log p(y) and H:
+        d log p(y) / d x = (onehot(y) − p) / T,      d H / d x = −p · (log p + H) / T,
+    so the backward recomputes one chunk's logits at a time (a second LM-head matmul per chunk) instead of
+    keeping [T, V] probabilities, and builds g·onehot(y) − p·(g + h·(log p + H)) in the logits' storage.
     """
 
     @staticmethod
@@ -51,25 +53,31 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             logits = _chunk_logits(hidden[rows], weight, temperature)
             lse[rows], entropy[rows] = log_normalizer_and_entropy(logits)
             logprobs[rows] = logits.gather(1, targets[rows, None])[:, 0] - lse[rows]
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an output nobody differentiates arrives as None: no work for it
         return logprobs, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logprobs, _grad_entropy):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            logits = _chunk_logits(hidden[rows], weight, ctx.temperature)
-            g = grad_logprobs[rows].to(lse.dtype)
-            # grad wrt the unscaled logits: g · (onehot(y) - p) / T, built in place in the logits' storage
-            grad_logits = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
-            grad_logits.scatter_add_(1, targets[rows, None], g[:, None])
+            logp = _chunk_logits(hidden[rows], weight, ctx.temperature).sub_(lse[rows, None])
+            g = grad_logprobs[rows, None].to(lse.dtype) if grad_logprobs is not None else None
+            if grad_entropy is None:  # the common case, in place: -p · g, then + g at the targets
+                grad_logits = logp.exp_().mul_(-g)
+            else:
+                coef = logp.add(entropy[rows, None]).mul_(grad_entropy[rows, None].to(lse.dtype))
+                if g is not None:
+                    coef.add_(g)
+                grad_logits = logp.exp_().mul_(coef).neg_()
+            if g is not None:
+                grad_logits.scatter_add_(1, targets[rows, None], g)
             if ctx.temperature != 1.0:
                 grad_logits.div_(ctx.temperature)
             grad_logits = grad_logits.to(weight.dtype)
@@ -89,9 +97,9 @@ def token_logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log softmax(hidden · Wᵀ / T)[target] and the entropy of softmax(hidden · Wᵀ / T), per row.
 
-    Returns (logprobs, entropy) shaped like `targets`, in fp32 (fp64 for fp64 weights). Log-probs are
-    differentiable with respect to `hidden` and `weight`; the entropy carries no gradient (the forking-token
-    paper uses it only to select tokens). Logits are computed chunk by chunk in the weights' dtype and every
+    Returns (logprobs, entropy) shaped like `targets`, in fp32 (fp64 for fp64 weights). Both are
+    differentiable with respect to `hidden` and `weight` (the entropy for an entropy bonus; selection uses
+    it detached). Logits are computed chunk by chunk in the weights' dtype and every
     softmax statistic in fp32; peak extra memory is about 2 · chunk_size · V fp32 values, besides the
     gradients themselves.
     """

@@ -39,12 +39,19 @@ def test_chunked_equals_naive_values_and_gradients(rows, vocab, chunk, temperatu
     assert logprobs.dtype == entropy.dtype == torch.float64
     assert torch.allclose(logprobs, want_logprobs, atol=1e-12)
     assert torch.allclose(entropy, want_entropy, atol=1e-12)
-    assert not entropy.requires_grad and (entropy >= 0).all()
+    assert (entropy >= 0).all()
 
-    grads = torch.autograd.grad((logprobs * upstream).sum(), (hidden, weight))
-    want = torch.autograd.grad((want_logprobs * upstream).sum(), (hidden, weight))
-    for got, expected in zip(grads, want, strict=True):
-        assert torch.allclose(got, expected, atol=1e-12)
+    upstream_h = torch.randn(rows, generator=g, dtype=torch.float64)
+    for loss, want_loss in (  # log-probs alone (the policy loss), entropy alone, both (an entropy bonus)
+        ((logprobs * upstream).sum(), (want_logprobs * upstream).sum()),
+        ((entropy * upstream_h).sum(), (want_entropy * upstream_h).sum()),
+        ((logprobs * upstream + entropy * upstream_h).sum(),
+         (want_logprobs * upstream + want_entropy * upstream_h).sum()),
+    ):
+        grads = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+        want = torch.autograd.grad(want_loss, (hidden, weight), retain_graph=True)
+        for got, expected in zip(grads, want, strict=True):
+            assert torch.allclose(got, expected, atol=1e-10)
 
 
 def test_batched_shape_and_weight_without_grad():

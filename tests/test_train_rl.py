@@ -51,9 +51,12 @@ def random_batch(seed=0, size=6) -> list[Response]:
                      False, 0.0, False, advantage=float(i % 3) - 1.0) for i in range(size)]
 
 
-def test_update_gradient_equals_direct_formula(setup, tmp_path):
-    """ChunkFlow update (sequences split across chunks) vs. a plain full forward of the DAPO loss."""
-    trainer = RLTrainer(tiny_config(setup, tmp_path / "run", **{"chunkflow.chunk_size": 7}))
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_update_gradient_equals_direct_formula(setup, tmp_path, entropy_coef):
+    """ChunkFlow update (sequences split across chunks) vs. a plain full forward of the DAPO loss (with an
+    entropy bonus −α·H_t on the selected tokens when α ≠ 0)."""
+    trainer = RLTrainer(tiny_config(setup, tmp_path / "run", **{"chunkflow.chunk_size": 7,
+                                                               "algo.entropy_coef": entropy_coef}))
     batch = random_batch()
     model = trainer.model
     old = [torch.full((len(r.token_ids),), -3.0) for r in batch]  # a fixed old policy: ratios ≠ 1, clipping bites
@@ -64,14 +67,15 @@ def test_update_gradient_equals_direct_formula(setup, tmp_path):
     model.zero_grad()
     R = max(len(r.token_ids) for r in batch)
     ent, mask = torch.zeros(len(batch), R), torch.zeros(len(batch), R, dtype=bool)
-    rows = []
+    rows, entropies = [], []
     for b, r in enumerate(batch):
         ids = torch.cat([r.prompt_ids, r.token_ids])[None]
         logits = model(ids).logits[0, len(r.prompt_ids) - 1 : -1]  # predicting each response token
-        lp = torch.log_softmax(logits, -1).gather(1, r.token_ids[:, None])[:, 0]
-        p = torch.softmax(logits, -1)
+        logp = torch.log_softmax(logits, -1)
+        lp = logp.gather(1, r.token_ids[:, None])[:, 0]
         rows.append(lp)
-        ent[b, : len(lp)] = -(p * p.log()).sum(-1).detach()
+        entropies.append(-(logp.exp() * logp).sum(-1))
+        ent[b, : len(lp)] = entropies[-1].detach()
         mask[b, : len(lp)] = True
     selected = select_tokens(ent, mask, "top", 0.2)
     assert int(selected.sum()) == math.ceil(0.2 * int(mask.sum()))
@@ -82,7 +86,7 @@ def test_update_gradient_equals_direct_formula(setup, tmp_path):
         clipped = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.28))
         if a < 0:
             clipped = torch.minimum(clipped, torch.full_like(clipped, -a * 10.0))
-        loss = loss + (clipped * selected[b, : len(lp)]).sum()
+        loss = loss + ((clipped - entropy_coef * entropies[b]) * selected[b, : len(lp)]).sum()
     (loss / selected.sum()).backward()
     assert metrics["select/kept_frac"] == pytest.approx(int(selected.sum()) / int(mask.sum()))
     for n, p in model.named_parameters():

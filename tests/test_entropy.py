@@ -181,6 +181,8 @@ def test_report_escapes_token_text_and_leaves_out_forced_tokens(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page and "a&amp;b" in page
     assert 'class="forced"' in page
+    # report.md quotes the response with the top-20 % token marked (1 of the 3 sampled: 2.0), not the forced 9.0
+    assert "```text\n<script>⟦a&b⟧\nConsidering\n```" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium")

@@ -18,6 +18,7 @@ from forkflow.entropy.score import ScoredResponse
 from forkflow.entropy.stats import NEAR_ZERO, PERCENTILES, entropy_summary, top_fraction
 
 COLOR_LEVELS = 10
+EXAMPLES = 3  # responses quoted in report.md with their forking tokens marked
 
 
 def pooled(scored: list[ScoredResponse], values: str) -> list:
@@ -49,8 +50,9 @@ def write_report(
     plots.entropy_histogram(entropies.numpy(), summary["percentiles"], out / "entropy_histogram.png")
     plots.word_cloud(high, out / "wordcloud_high.png", f"top {rho:.0%} highest-entropy positions", "#c44e52")
     plots.word_cloud(low, out / "wordcloud_low.png", f"{rho:.0%} lowest-entropy positions", "#4c72b0")
-    (out / "report.md").write_text(_markdown(summary, high, low, rho))
     fork_threshold = entropies[forks].min().item()
+    examples = [marked_text(s, fork_threshold) for s in scored[:EXAMPLES]]
+    (out / "report.md").write_text(_markdown(summary, high, low, rho, examples))
     (out / "report.html").write_text(_page(scored, summary, out, fork_threshold, max_responses))
     return summary
 
@@ -77,8 +79,17 @@ def _token_table(counts: list[TokenCount]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(summary: dict, high: list[TokenCount], low: list[TokenCount], rho: float) -> str:
+def marked_text(s: ScoredResponse, fork_threshold: float) -> str:
+    """The response as text with every forking token (entropy ≥ the top-ρ cut, and > 0) in ⟦ ⟧."""
+    return "".join(
+        f"⟦{text}⟧" if sampled and h >= fork_threshold and h > 0 else text
+        for text, h, sampled in zip(s.tokens, s.entropies, s.sampled(), strict=True)
+    )
+
+
+def _markdown(summary: dict, high: list[TokenCount], low: list[TokenCount], rho: float, examples: list[str]) -> str:
     stats = "\n".join(f"| {name} | {value} |" for name, value in _stats_rows(summary))
+    quoted = "\n\n".join(f"```text\n{text}\n```" for text in examples)
     return f"""# Token entropy report
 
 | statistic | value |
@@ -98,6 +109,10 @@ def _markdown(summary: dict, high: list[TokenCount], low: list[TokenCount], rho:
 {_token_table(low)}
 
 ![low-entropy tokens](wordcloud_low.png)
+
+## Examples: the top {rho:.0%} tokens marked ⟦ ⟧ (every response, shaded by entropy: report.html)
+
+{quoted}
 """
 
 

@@ -1,6 +1,6 @@
 """The demo's reasoning task: countdown with three numbers, solved by a depth-first search whose trace (the
-tries, the dead ends, the backtracking) is the chain of thought a tiny Qwen3 learns, and a character-level
-tokenizer in the Qwen3 chat format for it.
+tries, the dead ends, the backtracking) is the chain of thought a tiny Qwen3 learns, and a tokenizer in the
+Qwen3 chat format for it: one token per character, except that whole numbers are single tokens.
 
 A trace tries first steps in a random order, one line each, continuing every first step with the third
 number in all ways until it hits the target (here 3 9 7 -> 19):
@@ -11,8 +11,9 @@ number in all ways until it hits the target (here 3 9 7 -> 19):
     </think>
     \\boxed{(3+9)+7}
 
-The choice of which first step to try (and which operation next) is where the forks are; the arithmetic
-after `=` is forced. Answers are checked by `forkflow.rewards.verify_countdown`.
+The choice of which first step to try (and which operation next), and when to stop, is where the forks are;
+the arithmetic after `=` is forced (the demo's entropy report shows exactly that). Answers are checked by
+`forkflow.rewards.verify_countdown`.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def sft_messages(problem: dict, rng: random.Random) -> list[dict]:
 
 
 def build_char_tokenizer(out_dir: str | Path) -> Path:
-    """A character-level tokenizer for the task, in the Qwen3 chat format, saved loadable by transformers."""
+    """The task's tokenizer (characters, and numbers 0..99 as single tokens) in the Qwen3 chat format, saved
+    loadable by transformers."""
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}

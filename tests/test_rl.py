@@ -234,11 +234,13 @@ def test_selection_metrics_match_hand_values():
     assert metrics["entropy/mean"] == pytest.approx((0.1 + 0.9 + 0.5 + 0.3 + 0.7 + 0.2 + 0.4) / 7)
     assert metrics["entropy/selected_mean"] == pytest.approx((0.9 + 0.7 + 0.5) / 3)
     assert metrics["entropy/unselected_mean"] == pytest.approx((0.1 + 0.3 + 0.2 + 0.4) / 4)
-    # ranks by entropy 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9 -> quintile rank*5//7 = 0, 0, 1, 2, 2, 3, 4
-    # clip fractions over the kept tokens 0.5 (q3), 0.7 (q4), 0.9 (q5, clipped); 0.1 is clipped but not kept
-    assert math.isnan(metrics["select/clipfrac_q1"]) and math.isnan(metrics["select/clipfrac_q2"])
-    assert metrics["select/clipfrac_q3"] == 0.0 and metrics["select/clipfrac_q4"] == 0.0
-    assert metrics["select/clipfrac_q5"] == 1.0
+    # quintiles of the kept tokens 0.5, 0.7, 0.9 (0.9 clipped; 0.1 is clipped but not kept): rank*5//3 = 0, 1, 3
+    clipfrac = [metrics[f"select/clipfrac_q{q}"] for q in range(1, 6)]
+    assert clipfrac[:2] == [0.0, 0.0] and clipfrac[3] == 1.0 and math.isnan(clipfrac[2]) and math.isnan(clipfrac[4])
+    # all tokens kept: entropies 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9 -> quintile rank*5//7 = 0, 0, 1, 2, 2, 3, 4
+    metrics = selection_metrics(entropy, response_mask, response_mask, clipped)
+    assert [metrics[f"select/clipfrac_q{q}"] for q in range(1, 6)] == [0.5, 0.0, 0.0, 0.0, 1.0]
+    assert math.isnan(metrics["entropy/unselected_mean"])
 
 
 def test_check_loss_saw_selection_fails_loudly_on_a_mismatch():

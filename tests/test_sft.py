@@ -205,6 +205,16 @@ def test_tensorboard_without_the_package_is_a_config_error(tmp_path, monkeypatch
     MetricsLog(tmp_path, 0).write({"step": 1, "loss": 0.5})  # JSON lines alone need nothing
 
 
+def test_metrics_log_writes_undefined_values_as_null(tmp_path):
+    MetricsLog(tmp_path, 0).write({"step": 1, "entropy/unselected_mean": float("nan"), "loss": float("inf")})
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=strict) == {"step": 1, "entropy/unselected_mean": None, "loss": None}
+
+
 def test_sft_command_writes_hf_checkpoints(sft_setup, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli.main(["sft", str(ROOT / "configs" / "sft_tiny.yaml"), *sft_setup, f"out={out}", "max_steps=2",

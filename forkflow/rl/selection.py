@@ -149,8 +149,8 @@ def selection_metrics(
     entropy/selected_mean     ... of kept tokens;  entropy/unselected_mean: of the other response tokens
     select/clipfrac_q1..q5    with `clipped` (from the policy loss): fraction of the loss's tokens (the
                               kept ones, the only ones whose ratio the update computes) whose gradient the
-                              clip cut, per entropy quintile of the response tokens (q1 lowest); a quintile
-                              without kept tokens is NaN (in `top` mode at ρ = 0.2, all but q5)
+                              clip cut, per entropy quintile of the kept tokens (q1 lowest): in `all` mode
+                              the quintiles of every response token, in `top` mode of the forking tokens
     An empty set gives NaN.
     """
     response = response_mask.bool()
@@ -169,12 +169,12 @@ def selection_metrics(
         "entropy/unselected_mean": mean(values[~kept]),
     }
     if clipped is not None:
-        rank = torch.empty_like(values, dtype=torch.long)
-        rank[torch.argsort(values, stable=True)] = torch.arange(values.numel(), device=values.device)
-        quintile = rank * 5 // max(values.numel(), 1)
-        clipped_response = clipped.bool()[response].float()
+        kept_values, kept_clipped = values[kept], clipped.bool()[response][kept].float()
+        rank = torch.empty_like(kept_values, dtype=torch.long)
+        rank[torch.argsort(kept_values, stable=True)] = torch.arange(kept_values.numel(), device=values.device)
+        quintile = rank * 5 // max(kept_values.numel(), 1)
         for q in range(5):
-            stats[f"select/clipfrac_q{q + 1}"] = mean(clipped_response[(quintile == q) & kept])
+            stats[f"select/clipfrac_q{q + 1}"] = mean(kept_clipped[quintile == q])
     return dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))
 
 

@@ -168,9 +168,11 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out), purge_step=step + 1)
 
     def write(self, record: dict) -> None:
-        """Append one step's record (it has `step`); numbers other than `step` also go to TensorBoard."""
+        """Append one step's record (it has `step`); numbers other than `step` also go to TensorBoard. An
+        undefined value (NaN, e.g. the mean over an empty set) is written as null: strict JSON for any reader."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

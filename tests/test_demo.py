@@ -3,6 +3,7 @@ and the eighty-twenty experiment from its base model."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from forkflow.demo.run import DemoSize, rl_config, run
 from forkflow.demo.task import build_char_tokenizer, make_problems, sft_messages, solve_trace
 from forkflow.rewards import verify_countdown
 from forkflow.train.experiment import main as experiment_main
+from forkflow.train.experiment import run_eighty_twenty
 from forkflow.train.rl import RLConfig
 
 
@@ -33,8 +35,6 @@ def test_traces_solve_their_problems(tmp_path):
 
 def test_tiny_config_is_the_demo_rl_run():
     shipped = load_config(RLConfig, "configs/rl_tiny.yaml", ["out=runs/demo/rl"])
-    from pathlib import Path
-
     assert to_dict(shipped) == to_dict(rl_config(Path("runs/demo"), DemoSize(), seed=0))
 
 
@@ -84,6 +84,4 @@ def test_eighty_twenty_experiment(demo, tmp_path, capsys):
     assert before == {p: p.stat().st_mtime_ns for p in exp.glob("*/seed*/metrics.jsonl")}
 
     with pytest.raises(ConfigError, match="eval.files"):
-        from forkflow.train.experiment import run_eighty_twenty
-
         run_eighty_twenty(str(config), ["eval.every=0"], exp, [0], ["top20"])

@@ -38,7 +38,7 @@ from forkflow.train.sft import train as train_sft
 
 @dataclass
 class DemoSize:
-    """The embedded default: sized so the whole job fits in ~8 minutes on 2 CPU cores (SFT ~4, RL ~3)."""
+    """The embedded default: the whole job takes ~6 minutes on 2 CPU cores (SFT ~3, RL ~2)."""
 
     heldout: int = 100
     traces_per_problem: int = 4

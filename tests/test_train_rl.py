@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from forkflow import cli
 from forkflow.config import load_config
 from forkflow.demo.task import build_char_tokenizer, make_problems
 from forkflow.jsonl import InputError, write_jsonl
@@ -34,13 +35,16 @@ def setup(tmp_path_factory):
     return root
 
 
-def tiny_config(root, out, **overrides) -> RLConfig:
+def tiny_overrides(root, out, **overrides) -> list[str]:
     items = [f"model.path={root / 'init'}", f"data.train={root / 'train.jsonl'}", f"out={out}",
              "prompts_per_step=2", "mini_batch_prompts=1", "steps=2", "rollout.n=4", "rollout.max_new_tokens=12",
              "reward.verifier=countdown", "algo.dynamic_sampling=false", "chunkflow.chunk_size=24",
              "optim.lr=1e-3", "device=cpu", "progress=false", "reward.workers=1"]
-    items += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(RLConfig, None, items)
+    return items + [f"{k}={v}" for k, v in overrides.items()]
+
+
+def tiny_config(root, out, **overrides) -> RLConfig:
+    return load_config(RLConfig, None, tiny_overrides(root, out, **overrides))
 
 
 def random_batch(seed=0, size=6) -> list[Response]:
@@ -186,8 +190,12 @@ def test_filtered_sampling_recomputes(setup, tmp_path, monkeypatch):
     assert run_step(trainer, monkeypatch)[1] == 0  # ranked by the rollout's entropies, on-policy
 
 
-def test_train_writes_metrics_and_a_transformers_checkpoint(setup, tmp_path):
-    last = RLTrainer(tiny_config(setup, tmp_path / "run")).train()
+def test_train_command_writes_metrics_and_a_transformers_checkpoint(setup, tmp_path):
+    """`forkflow train configs/rl_tiny.yaml` (top-20 %), pointed at the tiny model and data."""
+    argv = ["train", "configs/rl_tiny.yaml", *tiny_overrides(setup, tmp_path / "run"),
+            f"eval.files=[{setup / 'train.jsonl'}]", "eval.k=2"]
+    assert cli.main(argv) == 0
+    last = latest_checkpoint(tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for key in ("reward/mean", "acc/mean", "response_len/mean", "response_len/clip_frac", "entropy/mean",
@@ -196,7 +204,7 @@ def test_train_writes_metrics_and_a_transformers_checkpoint(setup, tmp_path):
         assert key in records[0], key
     assert all(0.19 < r["select/kept_frac"] < 0.3 for r in records)
     assert records[0]["entropy/selected_mean"] > records[0]["entropy/mean"]
-    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert "eval/train/avg@2" in records[-1] and (tmp_path / "run" / "config.yaml").is_file()
     import transformers
 
     transformers.Qwen3ForCausalLM.from_pretrained(last)  # the checkpoint is a Hugging Face directory

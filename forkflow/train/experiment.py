@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from forkflow.chat import load_tokenizer
 from forkflow.config import ConfigError, load_config
 from forkflow.jsonl import InputError
 from forkflow.models.checkpoint import CheckpointError, from_pretrained
-from forkflow.rewards import RewardValues, VerifierPool, resolve_verifier
-from forkflow.train.evaluate import evaluate_files
-from forkflow.train.rl import RLConfig, RLTrainer
+from forkflow.rewards import VerifierPool
+from forkflow.train.rl import RLConfig, RLTrainer, evaluate_run
 from forkflow.train.state import METRICS
 
 # arm -> (label, selection overrides)
@@ -54,17 +54,9 @@ def evaluate_start(cfg: RLConfig, path: Path) -> dict:
     """Held-out metrics of the starting checkpoint (step 0), computed once and cached in `path`."""
     if path.exists():
         return json.loads(path.read_text())
-    from forkflow.chat import load_tokenizer
-
-    d = cfg.data
-    model = from_pretrained(cfg.model.path, dtype=torch.float32).eval()
-    values = RewardValues(cfg.reward.correct, cfg.reward.incorrect, cfg.reward.incorrect)
+    model = from_pretrained(cfg.model.path, dtype=torch.float32)
     with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool:
-        metrics = evaluate_files(model, load_tokenizer(cfg.model.tokenizer or cfg.model.path), cfg.eval, pool,
-                                 resolve_verifier(cfg.reward.verifier), values, chat=d.chat,
-                                 enable_thinking=d.enable_thinking, template=None if d.chat else d.template,
-                                 max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=cfg.rollout.max_new_tokens,
-                                 seed=cfg.seed)
+        metrics = evaluate_run(cfg, model, load_tokenizer(cfg.model.tokenizer or cfg.model.path), pool)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics) + "\n")
     return metrics

@@ -51,7 +51,6 @@ from forkflow.rl import (
 from forkflow.rollout import Sample, SamplingParams, TorchBackend
 from forkflow.train.evaluate import EvalConfig, evaluate_files
 from forkflow.train.rl_data import BOXED_TEMPLATE, RLPrompt, load_rl_prompts
-from forkflow.train.state import METRICS as METRICS  # the run directory's metrics file, for its readers
 from forkflow.train.state import (
     ChunkFlowConfig,
     MetricsLog,
@@ -94,6 +93,10 @@ class RewardConfig:
     workers: int = 2
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens before max_new_tokens; 0: off
     overlong_factor: float = 1.0
+
+    def values(self) -> RewardValues:
+        """The scores of a correct, an incorrect and an unverifiable (timed-out, failed) response."""
+        return RewardValues(self.correct, self.incorrect, self.incorrect)
 
 
 @dataclass
@@ -228,7 +231,7 @@ class RLTrainer:
         self.stream = PromptStream(prompts, cfg.seed, d.shuffle, cursor)
         self.backend = TorchBackend(self.model)
         self.verifier = resolve_verifier(cfg.reward.verifier)
-        self.values = RewardValues(cfg.reward.correct, cfg.reward.incorrect, cfg.reward.incorrect)
+        self.values = cfg.reward.values()
         self.last_checkpoint = resume
 
     # ------------------------------------------------------------------------------------------ rollouts
@@ -528,12 +531,18 @@ class RLTrainer:
         return self.last_checkpoint
 
     def evaluate(self, pool: VerifierPool) -> dict:
-        self.model.eval()
-        d = self.cfg.data
-        return evaluate_files(self.model, self.tokenizer, self.cfg.eval, pool, self.verifier, self.values,
-                              chat=d.chat, enable_thinking=d.enable_thinking,
-                              template=None if d.chat else d.template, max_prompt_tokens=d.max_prompt_tokens,
-                              max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.seed)
+        return evaluate_run(self.cfg, self.model, self.tokenizer, pool)
+
+
+def evaluate_run(cfg: RLConfig, model, tokenizer, pool: VerifierPool) -> dict:
+    """`eval/<file>/...` metrics of `model` on cfg.eval.files, with the run's prompt format, response length,
+    verifier and scores (what the trainer logs every eval.every steps)."""
+    model.eval()
+    d = cfg.data
+    return evaluate_files(model, tokenizer, cfg.eval, pool, resolve_verifier(cfg.reward.verifier),
+                          cfg.reward.values(), chat=d.chat, enable_thinking=d.enable_thinking,
+                          template=None if d.chat else d.template, max_prompt_tokens=d.max_prompt_tokens,
+                          max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
 
 
 def main(argv: list[str]) -> int:

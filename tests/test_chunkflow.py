@@ -7,17 +7,13 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forkflow.chunkflow import (
     NO_TARGET,
-    all_reduce_gradients,
     assign_ranks,
-    attention_pair_cost,
     build_chunks,
     build_micro_batches,
     chunk_chains,
@@ -154,30 +150,6 @@ def test_chunked_forward_matches_full_forward(moe):
             expected = -F.cross_entropy(logits, seq[1:], reduction="none")
             assert torch.allclose(values[:-1, 0], expected, atol=1e-12, rtol=0)
             assert values[-1, 0] == 0 and torch.equal(values[:, 1], torch.arange(len(seq)).double())
-
-
-DDP_LENGTHS = [3, 13, 5, 2, 11, 4, 7]
-
-
-def ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = tiny_model(moe=True)
-    chunks = build_chunks(random_batch(DDP_LENGTHS)[0], 5)
-    share = assign_ranks(chunks, world, attention_pair_cost(model.config))[rank]
-    chunked_backward(model, share, keep=1, normalizer=sum(n - 1 for n in DDP_LENGTHS))
-    all_reduce_gradients(model)
-    if rank == 0:
-        torch.save({n: p.grad for n, p in model.named_parameters()}, out_file)
-    dist.destroy_process_group()
-
-
-def test_gradients_all_reduced_over_gloo_ranks_match_the_batch(tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "grads.pt")), nprocs=2)
-    model = tiny_model(moe=True)
-    seqs, _ = random_batch(DDP_LENGTHS)
-    _, ref = reference_gradients(model, seqs, None, cross_entropy, sum(n - 1 for n in DDP_LENGTHS))
-    grads = torch.load(tmp_path / "grads.pt")
-    assert max((grads[n] - ref[n]).abs().max().item() for n in ref) <= 1e-10
 
 
 # --------------------------------------------------------------------------------------- construction

@@ -2,7 +2,9 @@
 and the eighty-twenty experiment from its base model."""
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,10 @@ import pytest
 from forkflow.chat import load_tokenizer
 from forkflow.config import ConfigError, load_config, to_dict
 from forkflow.demo.run import DemoSize, rl_config, run
+from forkflow.demo.run import main as demo_main
 from forkflow.demo.task import build_char_tokenizer, make_problems, sft_messages, solve_trace
 from forkflow.rewards import verify_countdown
+from forkflow.run_dir import MARKER
 from forkflow.train.experiment import main as experiment_main
 from forkflow.train.experiment import run_eighty_twenty
 from forkflow.train.rl import RLConfig
@@ -46,7 +50,7 @@ def demo(tmp_path_factory):
     return out, run(out, size)
 
 
-def test_demo_runs_end_to_end(demo):
+def test_demo_runs_end_to_end(demo, tmp_path):
     out, summary = demo
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary
@@ -58,6 +62,32 @@ def test_demo_runs_end_to_end(demo):
         assert (out / path).exists(), path
     metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all("eval/heldout/avg@4" in m for m in metrics)
+    assert json.loads((out / MARKER).read_text()) == {"kind": "demo"}
+
+    link = os.readlink(out / "base")
+    assert not os.path.isabs(link) and (out / link / "config.json").is_file()
+    assert (out / "base").resolve().is_relative_to(out.resolve())
+    moved = tmp_path / "moved"  # a copied run directory is self-contained
+    shutil.copytree(out, moved, symlinks=True)
+    assert (moved / "base").resolve().is_relative_to(moved.resolve()) and (moved / "base" / "config.json").is_file()
+
+
+def test_demo_refuses_an_out_directory_of_other_files(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert demo_main(["--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
+    err = capsys.readouterr().err
+    assert err.startswith("forkflow demo: ") and str(out) in err and "--out" in err and err.count("\n") == 1
+
+
+def test_demo_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("precious")
+    assert demo_main(["--out", str(out)]) == 2
+    assert out.read_text() == "precious"
+    assert str(out) in capsys.readouterr().err
 
 
 def test_eighty_twenty_experiment(demo, tmp_path, capsys):

@@ -1,14 +1,16 @@
 """Tests for forkflow.rewards: answer extraction, math verification in both modes, the verifier pool's
-timeouts (a hanging verifier must not stall scoring), batch scores, synthetic tasks and user reward
-functions."""
+timeouts (hanging verifiers must not stall scoring, however many), verifier faults (raised, garbage returned,
+worker died) scored and reported, batch scores, synthetic tasks and user reward functions."""
 
+import inspect
 import json
-import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from forkflow.config import ConfigError
 from forkflow.rewards import (
     RewardValues,
     VerifierPool,
@@ -25,6 +27,8 @@ from forkflow.rewards import (
     verify_countdown,
     verify_math,
 )
+from tests import faulty_verifiers
+from tests.faulty_verifiers import garbage_verifier, raising_verifier, sleepy_verifier
 
 # ---------------------------------------------------------------- extraction and math verification
 
@@ -89,25 +93,13 @@ def test_verify_math_rejects_bad_input():
 
 # ---------------------------------------------------------------- verifier pool and batch scores
 
-
-def sleepy_verifier(response: str, ground_truth: str) -> bool:
-    """Hangs on the response "hang", dies on "die", answers by string equality otherwise."""
-    if response == "hang":
-        time.sleep(60)
-    if response == "die":
-        os._exit(3)
-    return response == ground_truth
-
-
-def scoring_verifier(response: str, ground_truth: str):
-    """Returns a reward number, or something that is neither a bool nor a number for "junk"."""
-    return "junk" if response == "junk" else float(len(response)) - 2
+TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
 def pool():
-    # preload this module so the spawned workers import it (the verifiers above) before their first call
-    with VerifierPool(num_workers=2, timeout_s=1.0, preload=(__name__,)) as verifier_pool:
+    # preload the misbehaving verifiers so that workers import them at start-up, not on their first call
+    with VerifierPool(num_workers=2, timeout_s=TIMEOUT_S, preload=("tests.faulty_verifiers",)) as verifier_pool:
         score_responses(verifier_pool, sleepy_verifier, ["a", "b"], ["a", "b"])  # start the workers
         yield verifier_pool
 
@@ -118,28 +110,77 @@ def test_hanging_verifier_times_out_scores_failed_and_the_pool_recovers(pool):
     start = time.monotonic()
     scored = score_responses(pool, sleepy_verifier, responses, truths, RewardValues(1.0, -1.0, 0.0))
     elapsed = time.monotonic() - start
-    # the hangs sleep 60 s; 1 s timeouts plus respawning two workers stay far below that even on a busy machine
-    assert elapsed < 30, f"scoring took {elapsed:.1f} s; a hanging item stalled the pool"
+    assert elapsed < 2.5 * TIMEOUT_S + 1.0, f"scoring took {elapsed:.1f} s; hanging items stalled the pool"
     assert scored.rewards == [1.0, 0.0, 1.0, 0.0, 1.0, -1.0]
     assert scored.correct == [True, False, True, False, True, False]
-    assert (scored.timed_out, scored.failed) == (2, 0)
+    assert (scored.timeouts, scored.errors, scored.first_error) == (2, 0, None)
     again = score_responses(pool, sleepy_verifier, ["a", "b"], ["a", "a"])  # replaced workers serve
-    assert again.rewards == [1.0, 0.0] and again.timed_out == 0
+    assert again.rewards == [1.0, 0.0] and again.timeouts == 0
 
 
-def test_verifier_errors_and_dead_workers_are_counted_not_raised(pool):
-    verifiers = [verify_arithmetic, sleepy_verifier, sleepy_verifier]
-    scored = score_responses(pool, verifiers, ["1", "die", "z"], ["not a number", "x", "z"])
-    assert scored.rewards == [0.0, 0.0, 1.0] and scored.failed == 2
-    assert scored.first_error.startswith("item 0: ValueError: arithmetic ground truth must be a number")
+def test_many_hanging_checks_cost_one_timeout_not_one_each(pool):
+    # 16 hangs on 2 workers, one after the other, would cost 16 x 1 s / 2 = 8 s; side by side they cost ~1 s
+    responses = ["hang"] * 16 + ["a", "b"] * 8
+    start = time.monotonic()
+    scored = score_responses(pool, sleepy_verifier, responses, ["a"] * 32)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.5 * TIMEOUT_S + 1.0, f"scoring took {elapsed:.1f} s; hanging items were waited for in turn"
+    assert scored.timeouts == 16 and scored.errors == 0
+    assert scored.correct == [False] * 16 + [True, False] * 8
+    start = time.monotonic()
+    again = score_responses(pool, sleepy_verifier, ["a", "b", "c", "a"], ["a"] * 4)  # killed workers replaced
+    assert again.correct == [True, False, False, True] and (again.timeouts, again.errors) == (0, 0)
+    assert time.monotonic() - start < TIMEOUT_S
+
+
+def test_a_raising_verifier_scores_incorrect_and_says_where(pool):
+    scored = score_responses(pool, raising_verifier, ["a", "raise", "b", "raise"], ["a", "z", "b", "y"],
+                             RewardValues(1.0, -1.0, -1.0))
+    assert scored.rewards == [1.0, -1.0, 1.0, -1.0] and scored.correct == [True, False, True, False]
+    assert (scored.errors, scored.timeouts) == (2, 0)
+    raise_line = next(number for number, line in enumerate(inspect.getsourcelines(faulty_verifiers)[0], 1)
+                      if "KeyError: the line" in line)
+    assert scored.first_error == (  # the first failed item only, on one line, with the innermost frame
+        "item 1 (tests.faulty_verifiers:raising_verifier): KeyError: 'z' "
+        f"(at tests/faulty_verifiers.py:{raise_line} in raising_verifier)"
+    )
+
+
+def test_a_verifier_returning_garbage_scores_incorrect_and_is_reported(pool):
+    scored = score_responses(pool, garbage_verifier, ["abcd", "junk", "a", "none", "nan"], [""] * 5,
+                             RewardValues(1.0, -1.0, -1.0))
+    assert scored.rewards == [2.0, -1.0, -1.0, -1.0, -1.0]
+    assert scored.correct == [True, False, False, False, False]
+    assert (scored.errors, scored.timeouts) == (3, 0)
+    assert scored.first_error == (
+        "item 1 (tests.faulty_verifiers:garbage_verifier): returned str 'junk'; return a bool (correct or not) or a "
+        "finite number (the reward)"
+    )
+    assert "returned float nan" in score_responses(pool, garbage_verifier, ["nan"], [""]).first_error
+
+
+def test_errors_timeouts_and_dead_workers_are_counted_apart(pool):
+    verifiers = [verify_arithmetic, sleepy_verifier, sleepy_verifier, garbage_verifier, sleepy_verifier]
+    scored = score_responses(pool, verifiers, ["1", "die", "z", "junk", "hang"], ["not a number", "x", "z", "", "z"])
+    assert scored.rewards == [0.0, 0.0, 1.0, 0.0, 0.0] and (scored.errors, scored.timeouts) == (3, 1)
+    assert scored.first_error.startswith(
+        "item 0 (forkflow.rewards.synthetic_tasks:verify_arithmetic): ValueError: arithmetic ground truth must be "
+        "a number, got 'not a number' (at forkflow/rewards/synthetic_tasks.py:"
+    )
     died = score_responses(pool, sleepy_verifier, ["die"], ["x"])
-    assert died.failed == 1 and "the worker process died (exit code 3)" in died.first_error
+    assert died.errors == 1 and "the worker process died (exit code 3)" in died.first_error
 
 
-def test_number_verdicts_are_rewards_and_wrong_types_fail(pool):
-    scored = score_responses(pool, scoring_verifier, ["abcd", "a", "junk"], ["", "", ""])
-    assert scored.rewards == [2.0, -1.0, 0.0] and scored.correct == [True, False, False]
-    assert scored.failed == 1 and "returned str" in scored.first_error
+def test_importing_a_verifier_module_does_not_count_against_the_timeout(tmp_path, monkeypatch):
+    # the workers have not imported this module; importing it takes longer than the timeout, the check does not
+    (tmp_path / "slow_import_for_forkflow.py").write_text(
+        "import time\ntime.sleep(0.6)\n\ndef check(response, truth):\n    return response == truth\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # before the pool starts: its workers take this sys.path
+    verifier = load_reward_function("slow_import_for_forkflow:check")
+    with VerifierPool(num_workers=1, timeout_s=0.3, preload=()) as bare:
+        scored = score_responses(bare, verifier, ["a", "b", "c"], ["a", "a", "c"])
+    assert scored.correct == [True, False, True] and (scored.errors, scored.timeouts) == (0, 0)
 
 
 def test_a_worker_that_cannot_start_is_an_error_not_a_hang():
@@ -155,6 +196,7 @@ def test_score_responses_rejects_bad_input(pool):
         score_responses(pool, sleepy_verifier, ["a", 3], ["a", "b"])
     with pytest.raises(TypeError, match="module level"):
         score_responses(pool, lambda response, truth: True, ["a"], ["a"])
+    assert score_responses(pool, sleepy_verifier, ["a"], ["a"]).correct == [True]  # nothing was half sent
 
 
 # ---------------------------------------------------------------- synthetic tasks
@@ -203,19 +245,31 @@ def test_reward_functions_load_by_import_path():
     loaded = load_reward_function("forkflow.rewards.synthetic_tasks:verify_countdown")
     assert loaded is verify_countdown
     assert resolve_verifier("math") is verify_math
+    with pytest.raises(ConfigError, match="write a user verifier as 'package.module:function'"):
+        load_reward_function("forkflow.rewards.verify_math")
 
 
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("forkflow.rewards.verify_math", "must be written 'package.module:function'"),
-        ("no_such_package.rewards:score", "cannot import 'no_such_package.rewards'"),
-        ("forkflow.rewards:no_such_function", "has no attribute 'no_such_function'"),
+        ("forkflow.rewards.verify_math", "unknown verifier 'forkflow.rewards.verify_math'; use one of math"),
+        ("no_such_package.rewards:score", "there is no module 'no_such_package' to import; check the spelling"),
+        ("forkflow.no_such_module:score", "there is no module 'forkflow.no_such_module' to import"),
+        ("forkflow.rewards:no_such_function", "has no attribute 'no_such_function'; check the function's name"),
         ("forkflow.rewards:BUILTIN_VERIFIERS", "is a dict, not a function"),
+        ("nonsense", "unknown verifier 'nonsense'; use one of math, math_answer_line"),
     ],
 )
-def test_bad_reward_function_paths_say_what_is_wrong(path, message):
-    with pytest.raises(ValueError, match=message):
-        load_reward_function(path)
-    with pytest.raises(ValueError, match="unknown verifier 'nonsense'"):
-        resolve_verifier("nonsense")
+def test_bad_verifier_names_are_config_errors_that_say_what_is_wrong(path, message):
+    # ConfigError is what the training and eval commands print as one line instead of a traceback
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        resolve_verifier(path)
+    assert repr(path) in str(raised.value)
+
+
+def test_a_verifier_module_that_raises_on_import_says_where(tmp_path, monkeypatch):
+    (tmp_path / "broken_rewards_for_forkflow.py").write_text("import os\nanswer = 1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"importing 'broken_rewards_for_forkflow' raised ZeroDivisionError: "
+                       r"division by zero \(at .*broken_rewards_for_forkflow.py:2 in <module>\)"):
+        load_reward_function("broken_rewards_for_forkflow:score")

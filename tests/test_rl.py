@@ -1,6 +1,7 @@
 """Tests for forkflow.rl: advantages, DAPO filter and shaping, token selection, and the policy loss against
 direct hand computations from the formulas (plain Python floats, independent of the library's tensor code)."""
 
+import functools
 import math
 import multiprocessing
 import statistics
@@ -18,6 +19,7 @@ from forkflow.rl import (
     advantage_estimator,
     check_loss_saw_selection,
     dynamic_sampling_mask,
+    group_statistics,
     grpo_advantages,
     loss_weights,
     overlong_penalty,
@@ -67,6 +69,40 @@ def test_rloo_advantage_subtracts_mean_of_the_others():
         expected.append(score - sum(others) / len(others))
     got = rloo_advantages(torch.tensor(SCORES), torch.tensor(GROUPS))
     assert got.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def _equal_and_mixed_groups(value, dtype):
+    """Groups of 2..8 copies of `value` (not exact in binary) interleaved with groups of distinct scores."""
+    scores, group_ids = [], []
+    for size in range(2, 9):
+        scores += [value] * size + [0.0, 1.0, value]
+        group_ids += [2 * size] * size + [2 * size + 1] * 3
+    order = torch.randperm(len(scores), generator=torch.Generator().manual_seed(0))
+    return torch.tensor(scores, dtype=dtype)[order], torch.tensor(group_ids)[order]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("value", [0.7, 5.7, 0.1])
+@pytest.mark.parametrize(
+    "estimator",
+    [grpo_advantages, functools.partial(grpo_advantages, normalize_by_std=False), rloo_advantages],
+    ids=["grpo", "dr_grpo", "rloo"],
+)
+def test_a_group_of_equal_scores_gets_exactly_zero_advantage(estimator, value, dtype):
+    scores, group_ids = _equal_and_mixed_groups(value, dtype)
+    got = estimator(scores, group_ids)
+    assert got.dtype == torch.float32
+    equal = group_ids % 2 == 0
+    assert all(a == 0.0 for a in got[equal].tolist())
+    assert all(a != 0.0 for a in got[~equal].tolist())  # the distinct groups still get a signal
+
+
+def test_group_statistics_of_equal_values_are_exact():
+    scores, group_ids = _equal_and_mixed_groups(0.7, torch.float32)
+    mean, std, _ = group_statistics(scores, group_ids)
+    equal = group_ids % 2 == 0
+    assert torch.equal(mean[equal], scores[equal].double())
+    assert std[equal].tolist() == [0.0] * int(equal.sum())
 
 
 def test_advantages_are_chosen_by_name_and_reject_bad_input():

@@ -165,8 +165,8 @@ def test_sft_lowers_the_loss_and_resumes_exactly(sft_setup, tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full]
-    final_full = read_state_dict(tmp_path / "full" / "checkpoints" / "step-00000012")
-    final_resumed = read_state_dict(resumed_dir / "checkpoints" / "step-00000012")
+    final_full = read_state_dict(tmp_path / "full" / "model")
+    final_resumed = read_state_dict(resumed_dir / "model")
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
 
 
@@ -215,19 +215,38 @@ def test_metrics_log_writes_undefined_values_as_null(tmp_path):
     assert json.loads(line, parse_constant=strict) == {"step": 1, "entropy/unselected_mean": None, "loss": None}
 
 
-def test_sft_command_writes_hf_checkpoints(sft_setup, tmp_path, capsys):
+def test_sft_command_writes_checkpoints_and_a_hf_model_and_export_matches(sft_setup, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli.main(["sft", str(ROOT / "configs" / "sft_tiny.yaml"), *sft_setup, f"out={out}", "max_steps=2",
                      "precision=bf16"]) == 0
     checkpoint = out / "checkpoints" / "step-00000002"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= {
+    assert {"config.json", "state", "tokenizer", "trainer_state.pt", "sft.yaml"} <= {
         p.name for p in checkpoint.iterdir()}
     assert not list((out / "checkpoints").glob(".tmp-*"))
     import transformers
 
-    transformers.AutoModelForCausalLM.from_pretrained(checkpoint)  # loads as a Hugging Face checkpoint
+    transformers.AutoModelForCausalLM.from_pretrained(out / "model")  # the final model: a Hugging Face directory
+    assert (out / "model" / "tokenizer.json").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["loss"] > 0 for r in records)
+    # `forkflow export` of the last checkpoint gives the same weights and a loadable tokenizer
+    assert cli.main(["export", str(checkpoint), str(tmp_path / "exported")]) == 0
+    exported, final = read_state_dict(tmp_path / "exported"), read_state_dict(out / "model")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+
+
+def test_export_names_a_missing_shard(sft_setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["sft", str(ROOT / "configs" / "sft_tiny.yaml"), *sft_setup, f"out={out}", "max_steps=1"]) == 0
+    checkpoint = out / "checkpoints" / "step-00000001"
+    shard = next((checkpoint / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a crash mid-write
+    assert cli.main(["export", str(checkpoint), str(tmp_path / "exported")]) == 2
+    assert f"{shard}: shard file is truncated" in capsys.readouterr().err
+    shard.unlink()
+    assert cli.main(["export", str(checkpoint), str(tmp_path / "exported")]) == 2
+    assert f"{shard}: shard file is missing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,21 +11,22 @@ import torch
 from forkflow import cli
 from forkflow.config import load_config
 from forkflow.demo.task import build_char_tokenizer, make_problems
+from forkflow.distributed import latest_checkpoint
 from forkflow.jsonl import InputError, write_jsonl
 from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained
 from forkflow.rewards import VerifierPool
 from forkflow.rl import select_tokens
 from forkflow.train.rl import Response, RLConfig, RLTrainer
-from forkflow.train.state import latest_checkpoint
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
+def write_rl_setup(root, moe: bool = False):
+    """root/init: a tiny random Qwen3 (tied embeddings; MoE: 4 experts, top-2) with the demo's character
+    tokenizer; root/train.jsonl: 40 countdown problems."""
     tokenizer_dir = build_char_tokenizer(root / "init")
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True) if moe else {}
     cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, max_position_embeddings=256, rope_theta=1e4,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, **experts)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(cfg)
     model.init_weights(0.1)
@@ -33,6 +34,11 @@ def setup(tmp_path_factory):
     problems = make_problems(0)[:40]
     write_jsonl(root / "train.jsonl", ({"problem": p["prompt"], "answer": p["answer"]} for p in problems))
     return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return write_rl_setup(tmp_path_factory.mktemp("rl"))
 
 
 def tiny_overrides(root, out, **overrides) -> list[str]:
@@ -172,7 +178,7 @@ def test_reusing_the_rollout_statistics_gives_the_recomputed_gradients(setup, tm
     got, forwards = run_step(reused, monkeypatch)
     assert forwards == 1  # the second mini-batch's ranking only
     forced = RLTrainer(tiny_config(setup, tmp_path / "forced", **cfg))
-    monkeypatch.setattr(forced, "rollout_statistics", lambda sample: (None, None))
+    monkeypatch.setattr(RLTrainer, "reuses_rollout_statistics", property(lambda self: False))
     want, forwards = run_step(forced, monkeypatch)
     assert forwards == 2  # π_old of the batch before the first update, the second mini-batch's ranking
     assert len(got) == len(want) == 2
@@ -195,7 +201,7 @@ def test_train_command_writes_metrics_and_a_transformers_checkpoint(setup, tmp_p
     argv = ["train", "configs/rl_tiny.yaml", *tiny_overrides(setup, tmp_path / "run"),
             f"eval.files=[{setup / 'train.jsonl'}]", "eval.k=2"]
     assert cli.main(argv) == 0
-    last = latest_checkpoint(tmp_path / "run")
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for key in ("reward/mean", "acc/mean", "response_len/mean", "response_len/clip_frac", "entropy/mean",
@@ -207,7 +213,7 @@ def test_train_command_writes_metrics_and_a_transformers_checkpoint(setup, tmp_p
     assert "eval/train/avg@2" in records[-1] and (tmp_path / "run" / "config.yaml").is_file()
     import transformers
 
-    transformers.Qwen3ForCausalLM.from_pretrained(last)  # the checkpoint is a Hugging Face directory
+    transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "run" / "model")  # the final model: Hugging Face
 
 
 def test_resume_continues_exactly(setup, tmp_path):
@@ -224,8 +230,8 @@ def test_resume_continues_exactly(setup, tmp_path):
     assert [r["step"] for r in cut] == [1, 2, 3]
     for a, b in zip(full, cut, strict=True):
         assert a["reward/mean"] == b["reward/mean"] and a["pg/loss"] == pytest.approx(b["pg/loss"], abs=1e-7)
-    wa = from_pretrained(latest_checkpoint(tmp_path / "full")).state_dict()
-    wb = from_pretrained(latest_checkpoint(tmp_path / "cut")).state_dict()
+    wa = from_pretrained(tmp_path / "full" / "model").state_dict()
+    wb = from_pretrained(tmp_path / "cut" / "model").state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-7) for k in wa)
 
 

@@ -10,7 +10,7 @@ from forkflow.chunkflow.chunks import (
     chunk_chains,
     first_fit_decreasing,
 )
-from forkflow.chunkflow.placement import all_reduce_gradients, assign_ranks, attention_pair_cost, chunk_cost
+from forkflow.chunkflow.placement import assign_ranks, attention_pair_cost, chunk_cost
 from forkflow.chunkflow.schedule import (
     LossFn,
     chunked_backward,
@@ -25,7 +25,6 @@ __all__ = [
     "Chunk",
     "LossFn",
     "Span",
-    "all_reduce_gradients",
     "assign_ranks",
     "attention_pair_cost",
     "build_chunks",

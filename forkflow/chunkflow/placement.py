@@ -1,4 +1,4 @@
-"""Spreading a chunked batch over data-parallel ranks by estimated cost, and summing the ranks' gradients.
+"""Spreading a chunked batch over data-parallel ranks by estimated cost.
 
 Every rank builds the same chunks from the same global batch, so each can compute the whole assignment
 locally; a long sequence's chunks stay on one rank (they pass K/V to each other).
@@ -7,9 +7,6 @@ locally; a long sequence's chunks stay on one rank (they pass K/V to each other)
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
-import torch.distributed as dist
 
 from forkflow.chunkflow.chunks import Chunk, chunk_chains
 from forkflow.models.qwen3 import Qwen3Config
@@ -50,11 +47,3 @@ def assign_ranks(chunks: Sequence[Chunk], world_size: int, pair_cost: float) -> 
         ranks[rank].extend(chains[i])
         loads[rank] += costs[i]
     return ranks
-
-
-def all_reduce_gradients(model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Sum .grad over the ranks of `group`: each rank's loss was already divided by the global normaliser."""
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)  # a rank whose chunks never routed to an expert still joins the sum
-        dist.all_reduce(p.grad, group=group)

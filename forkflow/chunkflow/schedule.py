@@ -12,9 +12,11 @@ forward each.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from forkflow.chunkflow.chunks import NO_TARGET, Chunk, chunk_chains
@@ -160,33 +162,94 @@ def _stored_leaves(model, chain, index, key_leaves, value_leaves, store: _LeafSt
     return store.leaves(index, keys + values)
 
 
-def _backward_chain(
-    model: Qwen3ForCausalLM, chain: list[Chunk], keep: int, loss_fn: LossFn, normalizer: float
-) -> float:
+def _chain_program(n: int, keep: int) -> list[int]:
+    """The units a chain of n chunks runs, in order: 0 is a forward without graph (a chunk whose K/V are
+    stored for recompute), j >= 1 is j forwards with graphs followed by their j backwards (j = 1: one
+    chunk's forward + backward). A standalone chunk is [1]."""
+    j = min(n, keep)
+    return [0] * (n - j) + [j] + [1] * (n - j)
+
+
+def _chain_units(model: Qwen3ForCausalLM, chain: list[Chunk], keep: int, loss_fn: LossFn, normalizer: float,
+                 losses: list[float]) -> Iterator[None]:
+    """Run the chain's schedule one unit of `_chain_program` per resumption (yields after each unit),
+    appending each chunk's scaled loss to `losses`."""
     n = len(chain)
     first_kept = max(n - keep, 0)
     key_leaves: list = [None] * n
     value_leaves: list = [None] * n
     store = _LeafStore([len(c) for c in chain[:first_kept]])
-    kept = {}  # index -> (scaled loss, own keys, own values) of the chunks whose graphs are kept
-    for i in range(n - 1):  # forward ascending; graphs only for the last `keep` chunks; the last feeds none
-        if i < first_kept:
-            leaves = _stored_leaves(model, chain, i, key_leaves, value_leaves, store)
-        else:
-            kept[i] = _chunk_loss(model, chain, i, key_leaves, value_leaves, loss_fn, normalizer)
-            leaves = [t.detach().requires_grad_() for t in kept[i][1] + kept[i][2]]  # alive in the graph anyway
+    for i in range(first_kept):  # forward ascending without graphs; the K/V become leaves
+        leaves = _stored_leaves(model, chain, i, key_leaves, value_leaves, store)
         key_leaves[i], value_leaves[i] = leaves[: len(leaves) // 2], leaves[len(leaves) // 2 :]
-    kept[n - 1] = _chunk_loss(model, chain, n - 1, key_leaves, value_leaves, loss_fn, normalizer)  # feeds no chunk
-    total = 0.0
+        yield
+    kept = {}  # index -> (scaled loss, own keys, own values) of the chunks whose graphs are kept
+    for i in range(first_kept, n):  # graphs for the last `keep` chunks; the last one feeds no chunk
+        kept[i] = _chunk_loss(model, chain, i, key_leaves, value_leaves, loss_fn, normalizer)
+        if i < n - 1:
+            leaves = [t.detach().requires_grad_() for t in kept[i][1] + kept[i][2]]  # alive in the graph anyway
+            key_leaves[i], value_leaves[i] = leaves[: len(leaves) // 2], leaves[len(leaves) // 2 :]
     for i in reversed(range(n)):  # kept chunks first, then recompute the rest, all descending
         if i in kept:
             loss, keys, values = kept.pop(i)
         else:
             loss, keys, values = _chunk_loss(model, chain, i, key_leaves, value_leaves, loss_fn, normalizer)
         _backward_with_leaf_grads(loss, keys, values, key_leaves[i], value_leaves[i])
-        total += loss.item()
+        losses.append(loss.item())
         key_leaves[i] = value_leaves[i] = None  # no earlier chunk reads them
-    return total
+        if i <= first_kept:
+            yield
+
+
+def _placeholder_unit(model: Qwen3ForCausalLM, unit: int) -> None:
+    """A unit of the given kind on a one-token input whose loss is 0: the same sequence of FSDP collectives
+    (all-gathers per forward, reduce-scatters per backward) as a real unit, no gradient."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device)
+    if unit == 0:
+        with torch.no_grad():
+            model(ids)
+        return
+    losses = [model(ids).hidden_states.sum() * 0.0 for _ in range(unit)]
+    for loss in reversed(losses):
+        loss.backward()
+
+
+def lockstep(programs: Sequence[Sequence[int]]) -> list[int]:
+    """One sequence of units that contains every rank's program as a subsequence: at each slot, the unit
+    that most ranks run next (ties: the smaller unit). Every rank computes the same answer."""
+    positions = [0] * len(programs)
+    plan = []
+    while True:
+        upcoming = Counter(p[i] for p, i in zip(programs, positions, strict=True) if i < len(p))
+        if not upcoming:
+            return plan
+        unit = min(upcoming, key=lambda u: (-upcoming[u], u))
+        plan.append(unit)
+        positions = [i + (i < len(p) and p[i] == unit) for p, i in zip(programs, positions, strict=True)]
+
+
+def _run_in_lockstep(model, programs: list[list[int]], units: Iterator[None], group) -> None:
+    """Run this rank's units (the generator `units`, one resumption per entry of its program) so that all
+    ranks of `group` issue the same FSDP collectives in the same order: where another rank's unit has no
+    counterpart here, this rank runs a placeholder unit of the same kind."""
+    mine = [u for program in programs for u in program]
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    position = 0
+    # FSDP reshards the root (embedding, norm, LM head) at the end of every backward, but the LM head runs
+    # in the loss, outside the root's forward, so a unit's second pending graph would backpropagate through
+    # freed weights; the root stays gathered until the schedule ends
+    model.set_reshard_after_backward(False, recurse=False)
+    try:
+        for unit in lockstep(everyone):
+            if position < len(mine) and mine[position] == unit:
+                next(units)
+                position += 1
+            else:
+                _placeholder_unit(model, unit)
+    finally:
+        model.set_reshard_after_backward(True, recurse=False)
+        model.reshard()
 
 
 def chunked_backward(
@@ -195,12 +258,16 @@ def chunked_backward(
     keep: int = 1,
     loss_fn: LossFn = next_token_loss,
     normalizer: float | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> float:
     """Accumulate into the parameters' .grad the gradient of Σ_chunks loss_fn(chunk) / normalizer.
 
     keep: K, the number of chunks of one long sequence whose activations stay in memory at once.
     normalizer: defaults to the batch's total loss weight (summed next-token cross-entropy / number of
     targets); pass the global count when `chunks` is one rank's share of a larger batch.
+    group: the ranks of an FSDP-sharded model. Every forward and backward of a sharded model is a collective,
+    so the ranks, whose shares differ in chunks and chain lengths, run their schedules in lockstep
+    (`lockstep`), padding with one-token placeholder units; a rank may have no chunks at all.
     Returns the loss (this call's share of it) as a float.
     """
     if keep < 1:
@@ -209,7 +276,14 @@ def chunked_backward(
     if normalizer <= 0:
         raise ValueError("the batch has no loss tokens (all loss weights are 0); nothing to train on")
     chains = chunk_chains(chunks)
-    return float(sum(_backward_chain(model, chain, keep, loss_fn, normalizer) for chain in chains))
+    losses: list[float] = []
+    units = (None for chain in chains for _ in _chain_units(model, chain, keep, loss_fn, normalizer, losses))
+    if group is None:
+        for _ in units:
+            pass
+    else:
+        _run_in_lockstep(model, [_chain_program(len(chain), keep) for chain in chains], units, group)
+    return float(sum(losses))
 
 
 def unchunk(pieces: Iterable[tuple[Chunk, torch.Tensor]], lengths: Sequence[int]) -> list[torch.Tensor]:
@@ -233,22 +307,33 @@ def chunked_forward(
     chunks: Sequence[Chunk],
     fn: Callable[[CausalLMOutput, Chunk], torch.Tensor],
     num_sequences: int | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> list[torch.Tensor]:
     """Forward every chunk without gradient (dependent chunks in order, on the K/V of the ones before) and
     gather fn(output, chunk) -> [T, ...] per sequence: a list of [L, ...] in the batch's sequence order.
-    Memory stays at one chunk's activations plus the K/V of the longest sequence."""
+    Memory stays at one chunk's activations plus the K/V of the longest sequence. group: as in
+    `chunked_backward` (the ranks of a sharded model run the same number of forwards)."""
     lengths: dict[int, int] = {}
     pieces = []
-    for chain in chunk_chains(chunks):
-        keys: list[list[torch.Tensor]] = []
-        values: list[list[torch.Tensor]] = []
-        for i, chunk in enumerate(chain):
-            output, own_keys, own_values = _forward_chunk(model, chain, i, keys, values)
-            keys.append(own_keys)
-            values.append(own_values)
-            pieces.append((chunk, fn(output, chunk)))
-            del output  # free this chunk's activations before the next forward
-            for span in chunk.spans:
-                lengths[span.sequence] = max(lengths.get(span.sequence, 0), span.stop)
+
+    def forwards():
+        for chain in chunk_chains(chunks):
+            keys: list[list[torch.Tensor]] = []
+            values: list[list[torch.Tensor]] = []
+            for i, chunk in enumerate(chain):
+                output, own_keys, own_values = _forward_chunk(model, chain, i, keys, values)
+                keys.append(own_keys)
+                values.append(own_values)
+                pieces.append((chunk, fn(output, chunk)))
+                del output  # free this chunk's activations before the next forward
+                for span in chunk.spans:
+                    lengths[span.sequence] = max(lengths.get(span.sequence, 0), span.stop)
+                yield
+
+    if group is None:
+        for _ in forwards():
+            pass
+    else:
+        _run_in_lockstep(model, [[0] * len(chunks)], forwards(), group)
     count = max(lengths, default=-1) + 1 if num_sequences is None else num_sequences
     return unchunk(pieces, [lengths.get(i, 0) for i in range(count)])

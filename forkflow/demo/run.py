@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained
 from forkflow.rewards import RewardValues, VerifierPool, verify_countdown
 from forkflow.rollout import SamplingParams, generate
 from forkflow.rollout.cli import rounded, token_texts
+from forkflow.run_dir import RunDirError, prepare_run_dir
 from forkflow.train.evaluate import EvalConfig, evaluate_prompts
 from forkflow.train.experiment import accuracy_keys, evaluate_start, plot_curves, read_metrics
 from forkflow.train.rl import RLConfig, RLTrainer
@@ -106,9 +107,10 @@ def score_file(model, prompts, responses, tokenizer, path: Path) -> None:
 
 
 def run(out: Path, size: DemoSize | None = None, seed: int = 0) -> dict:
+    """The whole demo into `out`, which must be new, empty or a previous demo run (replaced); see prepare_run_dir."""
     size = size or DemoSize()
     began = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, "demo", replace=True)
     data = out / "data"
     counts = write_data(data, size, seed)
     say(f"[1/6] countdown: {counts['train']} train / {counts['heldout']} held-out problems -> {data}")
@@ -121,7 +123,8 @@ def run(out: Path, size: DemoSize | None = None, seed: int = 0) -> dict:
     sft.chunkflow.chunk_size, sft.chunkflow.keep = 512, 1
     sft.optim.lr, sft.optim.warmup_steps, sft.optim.weight_decay = size.sft_lr, 10, 0.0
     base = out / "base"  # the SFT result under a fixed name (configs/rl_tiny.yaml starts from it)
-    base.symlink_to(train_sft(sft).resolve(), target_is_directory=True)
+    # relative, so the run directory stays whole when it is copied or moved
+    base.symlink_to(os.path.relpath(train_sft(sft).resolve(), out.resolve()), target_is_directory=True)
 
     say("[3/6] RLVR: DAPO, top-20 % forking tokens ...")
     rl = rl_config(out, size, seed)
@@ -188,10 +191,13 @@ def say(message: str) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="forkflow demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output directory (replaced)")
+    parser.add_argument("--out", default="runs/demo",
+                        help="output directory: new, empty, or a previous demo run (replaced)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    run(out, seed=args.seed)
+    try:
+        run(Path(args.out), seed=args.seed)
+    except RunDirError as e:
+        print(f"forkflow demo: {e}", file=sys.stderr)
+        return 2
     return 0

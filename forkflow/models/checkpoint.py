@@ -225,10 +225,15 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
 
 def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_bytes: int = 5 * 2**30, dtype=None) -> None:
     """Write config.json and safetensors (sharded with an index when larger than `max_shard_bytes`)."""
+    write_pretrained(model.state_dict(), model.config, path, max_shard_bytes, dtype or model.lm_head.weight.dtype)
+
+
+def write_pretrained(state: dict[str, torch.Tensor], config: Qwen3Config, path, max_shard_bytes: int = 5 * 2**30,
+                     dtype: torch.dtype = torch.float32) -> None:
+    """`save_pretrained` from a state dict in forkflow's names (e.g. gathered from a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or model.lm_head.weight.dtype
-    state = to_hf_names(model.state_dict(), model.config)
+    state = to_hf_names(state, config)
     state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}
     shards, size = [{}], 0
     for key, t in state.items():
@@ -251,4 +256,4 @@ def save_pretrained(model: Qwen3ForCausalLM, path, max_shard_bytes: int = 5 * 2*
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    (path / "config.json").write_text(json.dumps(config_to_dict(model.config, dtype), indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config_to_dict(config, dtype), indent=2) + "\n")

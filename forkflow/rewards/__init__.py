@@ -1,5 +1,5 @@
 """Rewards for RLVR: answer extraction and math verification, synthetic verifiable tasks, user reward
-functions by import path, and batch scoring in a spawn process pool with a wall-clock timeout per item."""
+functions by import path, and batch scoring in a process pool with a wall-clock timeout per item."""
 
 from forkflow.rewards.answers import last_answer_line, last_boxed, normalize_dapo_answer
 from forkflow.rewards.math_verifier import MATH_MODES, verify_math, verify_math_answer_line

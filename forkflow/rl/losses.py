@@ -103,6 +103,13 @@ class PolicyLossStats:
     def __add__(self, other: PolicyLossStats) -> PolicyLossStats:
         return PolicyLossStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
+    @classmethod
+    def zeros(cls) -> PolicyLossStats:
+        return cls(*(torch.zeros((), dtype=torch.float64) for _ in fields(cls)))
+
+    def to(self, device) -> PolicyLossStats:
+        return PolicyLossStats(*(getattr(self, f.name).to(device) for f in fields(self)))
+
     def metrics(self) -> dict[str, float]:
         """pg/clipfrac, pg/clipfrac_dual, pg/approx_kl, pg/ref_kl as means over the loss tokens."""
         sums = torch.stack([self.clipped, self.dual_clipped, self.approx_kl, self.ref_kl])

@@ -106,6 +106,7 @@ def select_tokens_global(
     ratio: float = 0.2,
     generator: torch.Generator | None = None,
     group: dist.ProcessGroup | None = None,
+    row_keys: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Select tokens over several micro-batches and, given a process `group`, over all its ranks.
 
@@ -114,6 +115,9 @@ def select_tokens_global(
     response token of the whole scope on each rank) are ranked together, so k = ceil(ρ·N) is exact over
     the scope; every rank computes the same selection and keeps its own part. For `random` across ranks,
     seed `generator` identically on every rank. Over one micro-batch and no group this is `select_tokens`.
+    row_keys[i] ([B_i] int64, distinct over all ranks) place the rows in one order before ranking, the
+    order of a single process holding the whole scope: then ties in `top`/`bottom` and the draw of
+    `random` do not depend on how the rows are spread over ranks (8 more bytes per token are gathered).
     """
     if len(entropies) != len(response_masks) or not entropies:
         raise ValueError(
@@ -125,7 +129,18 @@ def select_tokens_global(
         scope, offset = torch.cat(local), 0
     else:
         scope, offset = _gather_across_ranks(torch.cat(local), group)
-    chosen = _select_among(scope, mode, ratio, generator)
+    if row_keys is None:
+        chosen = _select_among(scope, mode, ratio, generator)
+    else:  # rank in the order of (row key, position) over the whole scope
+        token_keys = torch.cat([
+            (keys.to(mask.device)[:, None] * 2**32 + torch.arange(mask.shape[-1], device=mask.device))[mask.bool()]
+            for keys, mask in zip(row_keys, response_masks, strict=True)
+        ])
+        if group is not None:
+            token_keys = _gather_across_ranks(token_keys, group)[0]
+        order = torch.argsort(token_keys.to(scope.device))
+        chosen = torch.empty_like(scope, dtype=torch.bool)
+        chosen[order] = _select_among(scope[order], mode, ratio, generator)
     masks = []
     for values, response_mask in zip(local, response_masks, strict=True):
         selected = torch.zeros(response_mask.shape, dtype=torch.bool, device=response_mask.device)

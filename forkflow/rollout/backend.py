@@ -3,12 +3,12 @@ plain-PyTorch one on GPUs without changing either of them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import torch
 
-from forkflow.models.qwen3 import Qwen3ForCausalLM
+from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from forkflow.rollout.engine import Sample, generate
 from forkflow.rollout.sampling import SamplingParams
 
@@ -19,24 +19,53 @@ class RolloutBackend(Protocol):
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         on_step: Callable[[int, int], None] | None = None,
+        prompt_keys: Sequence[int] | None = None,
     ) -> list[list[Sample]]:
         """params.n samples per prompt (token ids) -> samples[prompt][sample], with the fields `Sample`
-        documents (T = 1 log-probs, sampling log-probs, rollout-temperature entropies)."""
+        documents (T = 1 log-probs, sampling log-probs, rollout-temperature entropies). Sample s of the
+        prompt with key k (default: its index) draws from a random stream of (params.seed, k, s) alone."""
         ...
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Take the policy's new weights (forkflow parameter names) before the next rollout."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take the policy's current weights, (forkflow parameter name, full tensor) pairs, before a rollout."""
+        ...
+
+    def release(self) -> None:
+        """Free what `load_weights` put in memory until the next `load_weights` (the trainer updates then)."""
         ...
 
 
 class TorchBackend:
-    """Generation with forkflow's own Qwen3 and KV cache (`engine.generate`); runs anywhere torch runs."""
+    """Generation with forkflow's own Qwen3 and KV cache (`engine.generate`); runs anywhere torch runs.
 
-    def __init__(self, model: Qwen3ForCausalLM):
-        self.model = model
+    `TorchBackend(model)` samples from `model` itself (one process, or a replica per rank);
+    `TorchBackend.empty(config, device)` holds no weights until `load_weights` (a sharded trainer gathers
+    them once per step, verl's hybrid engine) and frees them again on `release`."""
 
-    def generate(self, prompts, params, on_step=None) -> list[list[Sample]]:
-        return generate(self.model, prompts, params, on_step)
+    def __init__(self, model: Qwen3ForCausalLM, owns_weights: bool = False):
+        self.model, self.owns_weights = model, owns_weights
+        self.device = model.lm_head.weight.device
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict)
+    @classmethod
+    def empty(cls, config: Qwen3Config, device: torch.device) -> TorchBackend:
+        with torch.device("meta"):
+            backend = cls(Qwen3ForCausalLM(config).eval(), owns_weights=True)
+        backend.device = device
+        return backend
+
+    def generate(self, prompts, params, on_step=None, prompt_keys=None) -> list[list[Sample]]:
+        return generate(self.model, prompts, params, on_step, prompt_keys)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.model.lm_head.weight.is_meta:
+            self.model.to_empty(device=self.device)
+            if self.model.config.tie_word_embeddings:
+                self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+
+    def release(self) -> None:
+        if self.owns_weights:
+            self.model.to("meta")

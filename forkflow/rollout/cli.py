@@ -5,7 +5,6 @@ with its token ids, text, per-token log-probs and entropies. Also the model/prom
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -231,8 +230,8 @@ def run(args) -> int:
     def results():
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first : first + args.batch_size]
-            batch_params = dataclasses.replace(params, seed=params.seed + first)  # its own random stream
-            for offset, samples in enumerate(backend.generate(batch, batch_params, on_step)):
+            keys = range(first, first + len(batch))  # a prompt's samples do not depend on --batch-size
+            for offset, samples in enumerate(backend.generate(batch, params, on_step, keys)):
                 for sample in samples:
                     sample.prompt_index = first + offset
                     yield sample_record(records[first + offset][1], batch[offset], sample, tokenizer)

@@ -11,7 +11,7 @@ import torch
 
 from forkflow.models.qwen3 import Qwen3ForCausalLM, StaticKVCache
 from forkflow.ops import log_normalizer_and_entropy
-from forkflow.rollout.sampling import SamplingParams, choose_tokens
+from forkflow.rollout.sampling import SamplingParams, choose_tokens, keyed_uniforms, sample_keys
 
 
 class PromptError(ValueError):
@@ -89,12 +89,16 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     on_step: Callable[[int, int], None] | None = None,
+    prompt_keys: Sequence[int] | None = None,
 ) -> list[list[Sample]]:
     """Sample `params.n` responses for each prompt (token ids). Returns samples[prompt][sample].
 
     on_step(tokens, finished) is called after each decoding step with the number of tokens it produced and of
-    samples that finished at it (a progress bar hooks in here). The same prompts, params and seed give the
-    same samples; a prompt's samples depend on the other prompts of the call (they share the random stream).
+    samples that finished at it (a progress bar hooks in here). prompt_keys name the prompts' random streams
+    (default: their indices in this call): the random number behind token t of sample s of a prompt is a
+    function of (params.seed, its key, s, t) alone, so a prompt's samples do not depend on which other
+    prompts share the call, in what order, or on which rank (the same key gives the same samples; only
+    float rounding that differs with the batch shape could move a draw sitting on a boundary).
     The KV cache holds (longest prompt + params.longest_response) tokens for every row.
     """
     if not prompts:
@@ -142,10 +146,13 @@ def generate(
     out_stopped = torch.zeros(R, dtype=torch.bool, device=device)
     out_suffix_at = torch.full((R,), -1, dtype=torch.long, device=device)
 
-    generator = torch.Generator(device).manual_seed(params.seed)
+    keys = torch.tensor(range(num_prompts) if prompt_keys is None else list(prompt_keys), device=device)
+    if len(keys) != num_prompts:
+        raise ValueError(f"got {len(keys)} prompt keys for {num_prompts} prompts")
+    stream = sample_keys(params.seed, keys, n)  # [R], indexed by sample
     while True:
         logits = model.lm_head(hidden).float()  # [B, V], the last position only
-        step = choose_tokens(logits, params, generator)
+        step = choose_tokens(logits, params, keyed_uniforms(stream[rows.sample], rows.generated))
         tokens, sample_logprobs = step.tokens, step.sample_logprobs
         if thinking is not None:  # rows at the budget start the suffix; rows inside it take its next token
             starts = rows.in_thinking & (rows.generated == thinking.budget) & (rows.suffix_pos < 0)

@@ -133,12 +133,42 @@ def mask_candidates(scores: torch.Tensor, top_p: float, min_p: float) -> torch.T
     return scores
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One index per row of probs [B, C] by inverting the CDF: one uniform number per row (drawing B · C
-    exponentials or calling multinomial costs ~20x more on CPU), and no host sync on GPU."""
+_MASK = 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply avalanche) of int64 tensors holding 32-bit values; every
+    product stays below 2^63, so no int64 overflow is involved."""
+    x = x & _MASK
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK
+    return (x >> 16) ^ x
+
+
+def sample_keys(seed: int, prompt_keys: torch.Tensor, n: int) -> torch.Tensor:
+    """The random-stream key of every sample: prompt_keys [P] int64 (ids naming the prompts) -> [P · n],
+    row p · n + s for sample s of prompt p. A function of (seed, prompt key, sample index) alone."""
+    seed_key = _mix(_mix(torch.tensor(seed & _MASK)) ^ (seed >> 32 & _MASK))
+    prompt = _mix(_mix(seed_key ^ (prompt_keys & _MASK)) ^ (prompt_keys >> 32 & _MASK))  # [P]
+    sample = _mix(torch.arange(n, device=prompt_keys.device) + 0x632BE5AB)  # [n]
+    return _mix(prompt[:, None] ^ sample[None]).reshape(-1)
+
+
+def keyed_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform number in [0, 1) (24 random bits, exact in float32) per row: a hash of the row's stream
+    key [B] and its counter [B] (the index of the token being drawn). Counter-based, like Philox: the number
+    a sample gets at a position does not depend on the batch it is drawn in, the other rows, or the rank."""
+    h = _mix(keys ^ _mix(counters + 0x1B873593))
+    h = _mix(h + 0x5BD1E995)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row of probs [B, C] by inverting the CDF with the row's uniform number [B] (drawing
+    B · C exponentials or calling multinomial costs ~20x more on CPU), and no host sync on GPU."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
+    u = uniforms[:, None].to(probs.dtype) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: the jump found is > 0
     return torch.searchsorted(cdf, u, right=True)  # [B, 1]
 
@@ -153,8 +183,9 @@ class StepChoice:
     entropy_t1: torch.Tensor  # [B] entropy at T = 1
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> StepChoice:
-    """logits [B, V] fp32 of the last position -> the next token of every row."""
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> StepChoice:
+    """logits [B, V] fp32 of the last position -> the next token of every row, drawn with the row's
+    uniform number [B] (`keyed_uniforms`)."""
     log_normalizer, entropy_t1 = log_normalizer_and_entropy(logits)
     if params.greedy:
         tokens = logits.argmax(-1)
@@ -167,7 +198,7 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     candidates, token_ids = candidate_tokens(logits, params.top_k, params.top_p)
     scores = mask_candidates(candidates / temperature[:, None], params.top_p, params.min_p)
     probs = scores.softmax(-1)
-    choice = draw(probs, generator)  # [B, 1]
+    choice = draw(probs, uniforms)  # [B, 1]
     sample_logprobs = probs.gather(1, choice)[:, 0].log()  # a drawn token's p is far above fp32's underflow
     tokens = (choice if token_ids is None else token_ids.gather(1, choice))[:, 0]
     return StepChoice(tokens, sample_logprobs, log_normalizer, entropy_t1)

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from forkflow.chat import load_tokenizer, stop_token_ids
+from forkflow.distributed import World, gather_objects, shard_bounds
 from forkflow.jsonl import InputError
 from forkflow.models.checkpoint import CheckpointError, from_pretrained
 from forkflow.rewards import RewardValues, VerifierPool, resolve_verifier, score_responses
@@ -35,20 +36,26 @@ class EvalConfig:
 
 
 def evaluate_prompts(model, tokenizer, prompts, cfg: EvalConfig, pool, verifier, values: RewardValues,
-                     max_new_tokens: int, seed: int = 0, progress: bool = False) -> dict:
-    """{'avg@k', 'pass@k', 'response_len', 'correct' (per prompt, per sample)} for a list of RLPrompt."""
+                     max_new_tokens: int, seed: int = 0, progress: bool = False, world: World | None = None) -> dict:
+    """{'avg@k', 'pass@k', 'response_len', 'correct' (per prompt, per sample)} for a list of RLPrompt. With a
+    `world` of several ranks each generates a contiguous share of the prompts (whole, unsharded `model`) and
+    every rank gets the results of all; a prompt's samples are the same whichever rank draws them."""
     k = 1 if cfg.temperature == 0 else cfg.k
     params = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=seed, stop_token_ids=tuple(stop_token_ids(tokenizer)))
+    first, last = shard_bounds(len(prompts), world) if world is not None else (0, len(prompts))
     correct, lengths = [], []
-    for start in tqdm(range(0, len(prompts), cfg.batch_prompts), desc="eval", disable=not progress, leave=False):
-        part = prompts[start : start + cfg.batch_prompts]
-        samples = generate(model, [p.prompt_ids for p in part], params)
+    for start in tqdm(range(first, last, cfg.batch_prompts), desc="eval", disable=not progress, leave=False):
+        part = prompts[start : min(start + cfg.batch_prompts, last)]
+        samples = generate(model, [p.prompt_ids for p in part], params, prompt_keys=range(start, start + len(part)))
         texts = [tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True) for group in samples for s in group]
         truths = [p.ground_truth for p in part for _ in range(k)]
         scored = score_responses(pool, verifier, texts, truths, values)
         correct += [scored.correct[i * k : (i + 1) * k] for i in range(len(part))]
         lengths += [len(s.token_ids) for group in samples for s in group]
+    if world is not None:
+        shares = gather_objects((correct, lengths), world)
+        correct, lengths = [c for share in shares for c in share[0]], [n for share in shares for n in share[1]]
     table = torch.tensor(correct, dtype=torch.float)  # [N, k]
     return {
         f"avg@{k}": table.mean().item(),
@@ -59,13 +66,14 @@ def evaluate_prompts(model, tokenizer, prompts, cfg: EvalConfig, pool, verifier,
 
 
 def evaluate_files(model, tokenizer, cfg: EvalConfig, pool, verifier, values, *, chat, enable_thinking, template,
-                   max_prompt_tokens, max_new_tokens, seed) -> dict:
+                   max_prompt_tokens, max_new_tokens, seed, world: World | None = None) -> dict:
     """Flat metrics `eval/<file stem>/avg@k` and `.../pass@k` for every eval file."""
     out = {}
     for path in cfg.files:
         prompts = load_rl_prompts(path, tokenizer, chat=chat, enable_thinking=enable_thinking, template=template,
                                   max_prompt_tokens=max_prompt_tokens)
-        result = evaluate_prompts(model, tokenizer, prompts, cfg, pool, verifier, values, max_new_tokens, seed)
+        result = evaluate_prompts(model, tokenizer, prompts, cfg, pool, verifier, values, max_new_tokens, seed,
+                                  world=world)
         for key, value in result.items():
             if key != "correct":
                 out[f"eval/{Path(path).stem}/{key}"] = value

@@ -10,29 +10,52 @@ checkpoint. The first mini-batch's update starts from the weights that sampled t
 `RLTrainer.rollout_statistics`); later mini-batches take their old log-probs from the rollout too (or from
 one no-grad forward before the first update) and rank by a no-grad forward of the moved policy. The LM
 head, most of the cost at Qwen3's vocabulary, runs only on the rows that need it: response tokens in the
-no-grad forward, the loss's tokens (the selected ones) in the gradient pass. A checkpoint holds the model
-(Hugging Face layout), optimizer, LR schedule and data position; all sampling is seeded by (seed, step),
-so a resumed run continues exactly like an uninterrupted one.
+no-grad forward, the loss's tokens (the selected ones) in the gradient pass.
+
+Under torchrun each rank generates, scores and trains on a share of every round's prompts (whole GRPO
+groups); which groups dynamic sampling keeps, the top-ρ ranking (`select.scope=global`), the loss
+normaliser and the metrics are decided over all ranks. Each sample's random stream is a function of
+(seed, step, round, the prompt's place in the data stream, sample index), so a step's responses, and the
+weights after it, do not depend on the number of ranks. With `distributed.strategy=fsdp` the policy is
+sharded (FSDP2) and the rollout samples from whole weights gathered once per step. A checkpoint
+(`forkflow.distributed`) holds the model, optimizer, LR schedule and data position and loads on any world
+size, so a resumed run continues exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
+import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from forkflow.chat import load_tokenizer, stop_token_ids
 from forkflow.chunkflow import chunked_backward, chunked_forward, unchunk
 from forkflow.config import ConfigError, save_config
+from forkflow.distributed import (
+    DistributedConfig,
+    World,
+    export_model,
+    full_parameters,
+    gather_objects,
+    init_world,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    max_over_ranks,
+    reduce_gradients,
+    save_checkpoint,
+    shard_bounds,
+    shard_model,
+    sum_over_ranks,
+)
 from forkflow.models.checkpoint import from_pretrained
 from forkflow.ops import token_logprobs_and_entropy
 from forkflow.rewards import RewardValues, VerifierPool, resolve_verifier, score_responses
@@ -57,11 +80,8 @@ from forkflow.train.state import (
     ModelConfig,
     OptimConfig,
     build_optimizer,
-    latest_checkpoint,
-    resolve_device,
-    restore_trainer_state,
+    clip_gradients,
     run_training_command,
-    save_checkpoint,
 )
 
 
@@ -134,6 +154,7 @@ class RLConfig:
     select: SelectionConfig = field(default_factory=SelectionConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.1, schedule="constant"))
     chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompts_per_step: int = 512
     mini_batch_prompts: int = 32  # prompts per optimizer update (512 / 32 = 16 updates per step)
@@ -174,7 +195,7 @@ def check_config(cfg: RLConfig) -> None:
 class Response:
     """One scored response of the step's batch."""
 
-    group: int  # index of its prompt within the step
+    group: int  # its group's place in the step's kept batch (while scoring: its prompt's in the round)
     prompt_ids: torch.Tensor  # [P]
     token_ids: torch.Tensor  # [R], the stop token included when it stopped
     truncated: bool  # ran out of tokens
@@ -185,6 +206,7 @@ class Response:
     # temperature, as the rollout computed them; None when they are not what the update would compute
     rollout_logprobs: torch.Tensor | None = None
     rollout_entropies: torch.Tensor | None = None
+    sample: int = 0  # index within its group
 
 
 class PromptStream:
@@ -209,9 +231,11 @@ class RLTrainer:
     def __init__(self, cfg: RLConfig):
         check_config(cfg)
         self.cfg = cfg
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.group = dist.group.WORLD if self.world > 1 else None
-        self.device = resolve_device(cfg.device)
+        self.world = world = init_world(cfg.distributed, cfg.device)
+        if cfg.prompts_per_step % world.size:
+            raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of "
+                              f"ranks ({world.size}): each rank generates an equal share of every round")
+        self.device = world.device
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out)
         resume = latest_checkpoint(self.out)
@@ -220,19 +244,28 @@ class RLTrainer:
         d = cfg.data
         prompts = load_rl_prompts(d.train, self.tokenizer, chat=d.chat, enable_thinking=d.enable_thinking,
                                   template=None if d.chat else d.template, max_prompt_tokens=d.max_prompt_tokens)
-        self.model = from_pretrained(resume or cfg.model.path, dtype=torch.float32, device=self.device)
-        self.reference = None
-        if cfg.algo.kl_coef:
-            self.reference = from_pretrained(cfg.model.path, dtype=torch.float32, device=self.device).eval()
+        self.model = self.load_model()
+        self.reference = self.load_model().eval() if cfg.algo.kl_coef else None
         updates = cfg.steps * cfg.prompts_per_step // cfg.mini_batch_prompts
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, updates)
-        self.step = restore_trainer_state(resume, self.optimizer, self.scheduler) if resume else 0
-        cursor = json.loads((resume / "data_state.json").read_text())["cursor"] if resume else 0
+        self.step, cursor = 0, 0
+        if resume:
+            state = load_checkpoint(resume, self.model, self.optimizer, world)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, cursor = state["step"], state["cursor"]
         self.stream = PromptStream(prompts, cfg.seed, d.shuffle, cursor)
-        self.backend = TorchBackend(self.model)
+        # a sharded model has no whole copy to sample from: the rollout gathers one per step
+        self.sharded = is_sharded(self.model)
+        self.backend = TorchBackend.empty(self.model.config, self.device) if self.sharded else TorchBackend(self.model)
         self.verifier = resolve_verifier(cfg.reward.verifier)
         self.values = cfg.reward.values()
-        self.last_checkpoint = resume
+        self.sync_group = world.group if self.sharded else None  # the ranks whose forwards are collectives
+
+    def load_model(self):
+        """model.path in fp32 on this rank's device, sharded over the ranks (`distributed.strategy`)."""
+        cfg = self.cfg
+        model = from_pretrained(cfg.model.path, dtype=torch.float32, device=self.device)
+        return shard_model(model, self.world, cfg.distributed, cfg.precision)
 
     # ------------------------------------------------------------------------------------------ rollouts
 
@@ -243,58 +276,88 @@ class RLTrainer:
                               stop_token_ids=self.stop_ids)
 
     def generate_batch(self, pool: VerifierPool, times: dict) -> tuple[list[Response], dict]:
-        """Rounds of generation until `prompts_per_step` groups are kept (all groups without dynamic sampling)."""
-        cfg, kept, stats = self.cfg, [], {"gen/rounds": 0, "reward/timeouts": 0, "reward/failed": 0}
+        """Rounds of generation until `prompts_per_step` groups are kept (all groups without dynamic sampling).
+
+        Each round takes the next `prompts_per_step` prompts; every rank generates and scores a contiguous
+        share of them, each prompt's samples drawn from the random stream of its position in the data
+        stream. Which groups are kept is decided over all ranks, in the prompts' order, so the kept batch
+        is the one a single process would keep. Returns this rank's kept responses, `group` set to the
+        group's place in the kept batch, and the step's metrics over all ranks.
+        """
+        cfg, world, n = self.cfg, self.world, self.cfg.rollout.n
+        wanted = cfg.prompts_per_step
+        kept: list[Response] = []
         seen: list[Response] = []
-        while len(kept) < cfg.prompts_per_step * cfg.rollout.n:
-            if stats["gen/rounds"] == cfg.algo.max_gen_rounds:
+        counts = {"gen/rounds": 0, "reward/timeouts": 0, "reward/verifier_errors": 0}
+        kept_groups = 0
+        while kept_groups < wanted:
+            if counts["gen/rounds"] == cfg.algo.max_gen_rounds:
+                timeouts, errors = sum_over_ranks([counts["reward/timeouts"], counts["reward/verifier_errors"]],
+                                                  world)
+                faults = (f" The verifier failed on {errors:.0f} and timed out on {timeouts:.0f} of these "
+                          "responses (scored incorrect): fix it first." if errors or timeouts else "")
                 raise RuntimeError(
-                    f"dynamic sampling kept {len(kept) // cfg.rollout.n} of {cfg.prompts_per_step} groups after "
+                    f"dynamic sampling kept {kept_groups} of {wanted} groups after "
                     f"{cfg.algo.max_gen_rounds} generation rounds: almost every group is all right or all "
-                    "wrong. Raise algo.max_gen_rounds, use easier/harder data, or set algo.dynamic_sampling=false"
+                    "wrong. Raise algo.max_gen_rounds, use easier/harder data, or set algo.dynamic_sampling=false."
+                    + faults
                 )
-            prompts = self.stream.take(cfg.prompts_per_step)
+            first = self.stream.cursor
+            prompts = self.stream.take(wanted)
+            lo, hi = shard_bounds(wanted, world)
             began = time.perf_counter()
             self.model.eval()
-            samples = self.backend.generate([p.prompt_ids for p in prompts], self.sampling(stats["gen/rounds"]))
+            samples = self.backend.generate([p.prompt_ids for p in prompts[lo:hi]], self.sampling(counts["gen/rounds"]),
+                                            prompt_keys=range(first + lo, first + hi))
             times["gen"] += time.perf_counter() - began
             began = time.perf_counter()
-            responses = self.score(pool, prompts, samples, stats, offset=len(seen) // cfg.rollout.n)
+            responses = self.score(pool, prompts[lo:hi], samples, counts)
             times["reward"] += time.perf_counter() - began
             seen += responses
-            stats["gen/rounds"] += 1
-            if cfg.algo.dynamic_sampling:
+            counts["gen/rounds"] += 1
+            keep = [True] * len(responses)
+            if cfg.algo.dynamic_sampling and responses:
                 correct = torch.tensor([r.correct for r in responses])
                 groups = torch.tensor([r.group for r in responses])
                 keep = dynamic_sampling_mask(correct, groups).tolist()
-                responses = [r for r, k in zip(responses, keep, strict=True) if k]
-            kept += responses
-        kept = kept[: cfg.prompts_per_step * cfg.rollout.n]
-        stats.update(self.rollout_metrics(seen, kept))
-        return kept, stats
+            mine = [keep[g * n] for g in range(hi - lo)]  # per group of this rank's share
+            for index, flag in enumerate(f for share in gather_objects(mine, world) for f in share):
+                if not flag or kept_groups == wanted:
+                    continue
+                if lo <= index < hi:
+                    for r in responses[(index - lo) * n : (index - lo + 1) * n]:
+                        r.group = kept_groups
+                        kept.append(r)
+                kept_groups += 1
+        return kept, {**self.rollout_metrics(seen, kept), **dict(zip(counts, sum_over_ranks(
+            list(counts.values()), world), strict=True)), "gen/rounds": counts["gen/rounds"]}
 
-    def score(self, pool, prompts: list[RLPrompt], samples, stats: dict, offset: int) -> list[Response]:
+    def score(self, pool, prompts: list[RLPrompt], samples, counts: dict) -> list[Response]:
+        """Responses of `prompts` (their `group` the prompt's index in the list), rewards shaped."""
         cfg = self.cfg
         flat = [(g, p, s) for g, (p, group) in enumerate(zip(prompts, samples, strict=True)) for s in group]
         texts = [self.tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True) for _, _, s in flat]
         scored = score_responses(pool, self.verifier, texts, [p.ground_truth for _, p, _ in flat], self.values)
-        stats["reward/timeouts"] += scored.timed_out
-        stats["reward/failed"] += scored.failed
-        rewards = torch.tensor(scored.rewards)
-        if cfg.reward.overlong_buffer:
+        if scored.first_error and not counts["reward/verifier_errors"]:  # the first of the step, once
+            print(f"warning: step {self.step + 1}: the verifier failed ({scored.errors} of {len(texts)} responses "
+                  f"of the round scored incorrect): {scored.first_error}", file=sys.stderr)
+        counts["reward/timeouts"] += scored.timeouts
+        counts["reward/verifier_errors"] += scored.errors
+        rewards = torch.tensor(scored.rewards, dtype=torch.float64)
+        if cfg.reward.overlong_buffer and flat:
             lengths = torch.tensor([len(s.token_ids) for _, _, s in flat])
             rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer,
                                                  cfg.reward.overlong_factor)
         return [
-            Response(offset + g, torch.tensor(p.prompt_ids), s.token_ids.cpu(), s.finish_reason == "length",
-                     float(r), c, 0.0, *self.rollout_statistics(s))
+            Response(g, torch.tensor(p.prompt_ids), s.token_ids.cpu(), s.finish_reason == "length",
+                     float(r), c, 0.0, *self.rollout_statistics(s), sample=s.sample_index)
             for (g, p, s), r, c in zip(flat, rewards.tolist(), scored.correct, strict=True)
         ]
 
-    def rollout_statistics(self, sample: Sample) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A sample's per-token (log-probs, entropies) when they are exactly what the update computes for the
-        policy that sampled it, log softmax(z/T)[token] and H(softmax(z/T)) with T the rollout temperature;
-        else (None, None), and the update computes them itself.
+    @property
+    def reuses_rollout_statistics(self) -> bool:
+        """Whether the rollout's per-token log-probs and entropies are exactly what the update computes for
+        the policy that sampled: log softmax(z/T)[token] and H(softmax(z/T)), T the rollout temperature.
 
         The engine's `entropies` are H(softmax(z/T)) of the unfiltered distribution, always that quantity.
         Its `logprobs` are log softmax(z)[token], T = 1 and unfiltered: the quantity when T = 1. Its
@@ -303,24 +366,29 @@ class RLTrainer:
         the gap (bf16 rounding) would read as a policy change, so bf16 always recomputes.
         """
         r = self.cfg.rollout
-        if self.cfg.precision != "fp32":
-            return None, None
-        if r.temperature == 1.0:
-            return sample.logprobs.cpu(), sample.entropies.cpu()
-        if r.top_k == 0 and r.top_p == 1.0:
-            return sample.sample_logprobs.cpu(), sample.entropies.cpu()
-        return None, None
+        return self.cfg.precision == "fp32" and (r.temperature == 1.0 or (r.top_k == 0 and r.top_p == 1.0))
 
-    @staticmethod
-    def rollout_metrics(seen: list[Response], kept: list[Response]) -> dict:
-        lengths = torch.tensor([len(r.token_ids) for r in seen], dtype=torch.float)
+    def rollout_statistics(self, sample: Sample) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A sample's per-token (log-probs, entropies) when the update can reuse them, else (None, None)."""
+        if not self.reuses_rollout_statistics:
+            return None, None
+        logprobs = sample.logprobs if self.cfg.rollout.temperature == 1.0 else sample.sample_logprobs
+        return logprobs.cpu(), sample.entropies.cpu()
+
+    def rollout_metrics(self, seen: list[Response], kept: list[Response]) -> dict:
+        """Means over every rank's responses of the step (seen: all generated; kept: after dynamic sampling)."""
+        lengths = [len(r.token_ids) for r in seen]
+        reward, correct, length, truncated, count, kept_count = sum_over_ranks(
+            [sum(r.reward for r in seen), sum(r.correct for r in seen), sum(lengths), sum(r.truncated for r in seen),
+             len(seen), len(kept)], self.world)
+        (longest,) = max_over_ranks([max(lengths, default=0)], self.world)
         return {
-            "reward/mean": sum(r.reward for r in seen) / len(seen),
-            "acc/mean": sum(r.correct for r in seen) / len(seen),
-            "response_len/mean": lengths.mean().item(),
-            "response_len/max": lengths.max().item(),
-            "response_len/clip_frac": sum(r.truncated for r in seen) / len(seen),
-            "gen/kept_frac": len(kept) / len(seen),
+            "reward/mean": reward / count,
+            "acc/mean": correct / count,
+            "response_len/mean": length / count,
+            "response_len/max": longest,
+            "response_len/clip_frac": truncated / count,
+            "gen/kept_frac": kept_count / count,
         }
 
     # ------------------------------------------------------------------------------------------- update
@@ -361,28 +429,31 @@ class RLTrainer:
             return out.cpu()
 
         with torch.no_grad(), self.autocast():
-            per_sequence = chunked_forward(model, chunks, stats, num_sequences=len(batch))
+            per_sequence = chunked_forward(model, chunks, stats, num_sequences=len(batch), group=self.sync_group)
         per_response = self.response_space(batch, per_sequence)
         return [v[:, 0] for v in per_response], [v[:, 1] for v in per_response]
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
-    def select(self, entropy: torch.Tensor, mask: torch.Tensor, generator) -> torch.Tensor:
+    def select(self, entropy: torch.Tensor, mask: torch.Tensor, generator, keys: torch.Tensor) -> torch.Tensor:
+        """The selected tokens [B, R] of this rank's part of the mini-batch; keys [B] name the rows' places in
+        the whole mini-batch (ranking over all ranks follows that order, as one process would)."""
         s, size = self.cfg.select, self.cfg.chunkflow.micro_batch_size
         if s.scope == "micro":
             parts = [select_tokens(e, m, s.mode, s.ratio, generator)
                      for e, m in zip(entropy.split(size), mask.split(size), strict=True)]
-            return torch.cat(parts)
-        group = self.group if s.scope == "global" else None
-        return select_tokens_global([entropy], [mask], s.mode, s.ratio, generator, group)[0]
+            return torch.cat(parts) if parts else mask.clone()
+        group = self.world.group if s.scope == "global" else None
+        return select_tokens_global([entropy], [mask], s.mode, s.ratio, generator, group, row_keys=[keys])[0]
 
     def update(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None,
                entropies: list[torch.Tensor] | None, index: int) -> dict:
         """One optimizer update on a mini-batch (see `accumulate_gradients`), with gradient clipping."""
         metrics = self.accumulate_gradients(batch, old_logprobs, entropies, index)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
-        metrics.update(grad_norm=grad_norm.item(), lr=self.scheduler.get_last_lr()[0])
+        reduce_gradients(self.model, self.world)
+        metrics.update(grad_norm=clip_gradients(self.model, self.cfg.optim.grad_clip),
+                       lr=self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -390,41 +461,44 @@ class RLTrainer:
 
     def accumulate_gradients(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None = None,
                              entropies: list[torch.Tensor] | None = None, index: int = 0) -> dict:
-        """Policy-loss gradients of a mini-batch into .grad; returns its metrics.
+        """Policy-loss gradients of a mini-batch into .grad; returns its metrics (over all ranks).
 
-        old_logprobs: per response [R], log π_old(token) at the rollout temperature. None means on-policy
-        (the weights still are the ones that sampled the batch): π_old = π_θ, so the gradient pass's own
-        log-probs, detached, stand for it and every ratio is exactly 1 (as verl does on-policy).
-        entropies: per response [R], the current policy's entropies at the rollout temperature, which rank
-        the tokens; None: a no-grad forward computes them. index: the mini-batch's place in the step (seeds
-        random selection).
+        batch: this rank's responses of the mini-batch (possibly none); the selection scope `global`, the
+        loss normaliser and the metrics cover every rank's. old_logprobs: per response [R], log π_old(token)
+        at the rollout temperature. None means on-policy (the weights still are the ones that sampled the
+        batch): π_old = π_θ, so the gradient pass's own log-probs, detached, stand for it and every ratio is
+        exactly 1 (as verl does on-policy). entropies: per response [R], the current policy's entropies at
+        the rollout temperature, which rank the tokens; None: a no-grad forward computes them. index: the
+        mini-batch's place in the step (seeds random selection).
 
         The gradient pass runs the LM head only on the loss's tokens (w ≠ 0, the selected ones): every other
         token adds w · ℓ = 0 to the loss and nothing to the gradient.
         """
-        cfg = self.cfg
+        cfg, n = self.cfg, self.cfg.rollout.n
         if entropies is None:
             entropies = self.response_statistics(self.model, batch)[1]
-        mask = pad_sequence([torch.ones(len(r.token_ids), dtype=torch.bool) for r in batch], batch_first=True)
-        entropy = pad_sequence(entropies, batch_first=True)  # [B, R]
-        generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step * 131 + index)
-        selected = self.select(entropy, mask, generator)  # [B, R]
-        weights, normaliser = loss_weights(selected, mask, cfg.algo.loss_agg, cfg.select.denominator,
-                                           norm_length=cfg.rollout.max_new_tokens,
-                                           group=self.group if cfg.select.scope == "global" else None)
         lengths = [len(r.token_ids) for r in batch]
-        fields = {"advantages": [torch.full((n,), r.advantage) for r, n in zip(batch, lengths, strict=True)]}
+        # on the rank's device (the collectives of NCCL need it), back on the CPU for the chunks
+        mask = pad_rows([torch.ones(k, dtype=torch.bool) for k in lengths], torch.bool).to(self.device)  # [B, R]
+        entropy = pad_rows(entropies, torch.float32).to(self.device)  # [B, R]
+        keys = torch.tensor([r.group * n + r.sample for r in batch], dtype=torch.long, device=self.device)
+        generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step * 131 + index)
+        selected = self.select(entropy, mask, generator, keys)  # [B, R]
+        weights, normaliser = loss_weights(selected, mask, cfg.algo.loss_agg, cfg.select.denominator,
+                                           norm_length=cfg.rollout.max_new_tokens, group=self.world.group)
+        selected, weights, mask, entropy = selected.cpu(), weights.cpu(), mask.cpu(), entropy.cpu()
+        fields = {"advantages": [torch.full((k,), r.advantage) for r, k in zip(batch, lengths, strict=True)]}
         if old_logprobs is not None:
             fields["old_logprobs"] = old_logprobs
         if self.reference is not None:
-            rows = [row[:n] for row, n in zip(selected, lengths, strict=True)]
+            rows = [row[:k] for row, k in zip(selected, lengths, strict=True)]
             fields["ref_logprobs"] = self.response_statistics(self.reference, batch, rows)[0]
         sequences = self.sequences(batch)
         chunks = cfg.chunkflow.build(
-            sequences, loss_weights=self.token_space(batch, [w[:n] for w, n in zip(weights, lengths, strict=True)]),
+            sequences, loss_weights=self.token_space(batch, [w[:k] for w, k in zip(weights, lengths, strict=True)]),
             token_fields={name: self.token_space(batch, values) for name, values in fields.items()},
         )
-        totals = {"stats": None, "clipped": []}
+        totals = {"stats": PolicyLossStats.zeros(), "clipped": []}
 
         def loss_fn(output, chunk):
             at = chunk.loss_weights.nonzero()[:, 0]  # the loss's tokens: the only rows the LM head sees
@@ -438,7 +512,7 @@ class RLTrainer:
                 ref_logprobs=f.get("ref_logprobs"), kl_coef=cfg.algo.kl_coef, kl_estimator=cfg.algo.kl_estimator,
                 entropy=ent if cfg.algo.entropy_coef else None, entropy_coef=cfg.algo.entropy_coef,
             )
-            totals["stats"] = result.stats if totals["stats"] is None else totals["stats"] + result.stats
+            totals["stats"] = totals["stats"] + result.stats.to("cpu")
             clipped = torch.zeros(len(chunk), dtype=torch.bool)
             clipped[at] = result.clipped.detach().cpu()
             totals["clipped"].append((chunk, clipped))
@@ -447,19 +521,26 @@ class RLTrainer:
         self.model.train()
         with self.autocast():
             loss = chunked_backward(self.model, chunks, keep=cfg.chunkflow.keep, loss_fn=loss_fn,
-                                    normalizer=float(normaliser))
+                                    normalizer=float(normaliser), group=self.sync_group)
         stats: PolicyLossStats = totals["stats"]
         check_loss_saw_selection(cfg.select.mode, int(selected.sum()), int(stats.tokens))
-        clipped = self.response_space(batch, unchunk(totals["clipped"], [len(s) for s in sequences]))
+        clipped = pad_rows(self.response_space(batch, unchunk(totals["clipped"], [len(s) for s in sequences])),
+                           torch.bool)
+        (loss,) = sum_over_ranks([loss], self.world)
+        # the metrics' inputs of every rank, as one process would hold them
+        shares = gather_objects([t[mask] for t in (entropy, selected, clipped)], self.world)
+        entropy, selected, clipped = (torch.cat([share[i] for share in shares]) for i in range(3))
+        stats = PolicyLossStats(*map(torch.tensor, sum_over_ranks([float(getattr(stats, f.name)) for f in
+                                                                   dataclasses.fields(stats)], self.world)))
         return {"pg/loss": loss, **stats.metrics(),
-                **selection_metrics(entropy, mask, selected, pad_sequence(clipped, batch_first=True))}
+                **selection_metrics(entropy, torch.ones_like(selected), selected, clipped)}
 
     def sampling_policy_statistics(self, batch: list[Response], later_updates: bool
                                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """Per response [R]: log-probs and entropies at the rollout temperature of the policy that sampled
         the batch (the weights before this step's first update). The rollout's own when they are what the
         update computes; else a no-grad forward, if later mini-batches need old log-probs; else None."""
-        if all(r.rollout_logprobs is not None for r in batch):
+        if self.reuses_rollout_statistics:
             return [r.rollout_logprobs for r in batch], [r.rollout_entropies for r in batch]
         return self.response_statistics(self.model, batch) if later_updates else None
 
@@ -468,29 +549,32 @@ class RLTrainer:
     def train_step(self, pool: VerifierPool) -> dict:
         cfg, times = self.cfg, {"gen": 0.0, "reward": 0.0}
         began = time.perf_counter()
+        if self.sharded:  # the hybrid engine: whole weights for the rollout, gathered once, freed after
+            self.backend.load_weights(full_parameters(self.model))
         batch, record = self.generate_batch(pool, times)
-        scores = torch.tensor([r.reward for r in batch])
-        groups = torch.tensor([r.group for r in batch])
+        self.backend.release()
+        scores = torch.tensor([r.reward for r in batch], dtype=torch.float64)
+        groups = torch.tensor([r.group for r in batch], dtype=torch.long)
         advantages = advantage_estimator(cfg.algo.advantage)
         kwargs = {"normalize_by_std": cfg.algo.norm_by_std} if cfg.algo.advantage == "grpo" else {}
-        for r, a in zip(batch, advantages(scores, groups, **kwargs).tolist(), strict=True):
+        for r, a in zip(batch, advantages(scores, groups, **kwargs).tolist() if batch else [], strict=True):
             r.advantage = a
         update_began = time.perf_counter()
-        per_update = cfg.mini_batch_prompts * cfg.rollout.n
-        minis = [batch[i : i + per_update] for i in range(0, len(batch), per_update)]
-        sampled = self.sampling_policy_statistics(batch, later_updates=len(minis) > 1)
-        updates = []
-        for i, mini in enumerate(minis):
-            part = slice(i * per_update, (i + 1) * per_update)
+        updates = cfg.prompts_per_step // cfg.mini_batch_prompts
+        mini_of = [r.group // cfg.mini_batch_prompts for r in batch]
+        sampled = self.sampling_policy_statistics(batch, later_updates=updates > 1)
+        results = []
+        for i in range(updates):
+            part = [j for j, m in enumerate(mini_of) if m == i]
             # the first update starts from the sampling weights: on-policy, ranked by the sampler's entropies
             # when known; later ones need π_old and rank by their own (moved) policy's entropies
-            old = None if i == 0 else sampled[0][part]
-            entropies = sampled[1][part] if i == 0 and sampled is not None else None
-            updates.append(self.update(mini, old, entropies, i))
-        for key in updates[0]:
-            record[key] = sum(u[key] for u in updates) / len(updates)
+            old = None if i == 0 else [sampled[0][j] for j in part]
+            entropies = [sampled[1][j] for j in part] if i == 0 and sampled is not None else None
+            results.append(self.update([batch[j] for j in part], old, entropies, i))
+        for key in results[0]:
+            record[key] = sum(u[key] for u in results) / len(results)
         now = time.perf_counter()
-        tokens = sum(len(r.prompt_ids) + len(r.token_ids) for r in batch)
+        (tokens,) = sum_over_ranks([sum(len(r.prompt_ids) + len(r.token_ids) for r in batch)], self.world)
         record.update({
             "time/gen_s": times["gen"], "time/reward_s": times["reward"], "time/update_s": now - update_began,
             "time/step_s": now - began, "tokens_per_s": tokens / (now - began),
@@ -498,43 +582,55 @@ class RLTrainer:
         return record
 
     def save(self) -> None:
-        if self.rank == 0:
-            self.last_checkpoint = save_checkpoint(
-                self.out, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                config=lambda path: save_config(self.cfg, path / "rl.yaml"),
-                extra={"data_state.json": json.dumps({"cursor": self.stream.cursor})},
-            )
-        if self.world > 1:
-            dist.barrier()
-
-    def train(self) -> Path | None:
         cfg = self.cfg
-        if self.rank == 0:
+        save_checkpoint(self.out, self.step, self.model, self.optimizer, self.world,
+                        {"scheduler": self.scheduler.state_dict(), "cursor": self.stream.cursor}, self.tokenizer,
+                        write_files=lambda path: save_config(cfg, path / "rl.yaml"))
+
+    def train(self) -> Path:
+        """Run (or resume) the configured steps; returns the Hugging Face directory of the final policy
+        (out/model)."""
+        cfg, main = self.cfg, self.world.main
+        if main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        log = MetricsLog(self.out, self.step, cfg.tensorboard) if self.rank == 0 else contextlib.nullcontext()
+        log = MetricsLog(self.out, self.step, cfg.tensorboard) if main else contextlib.nullcontext()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="rl", dynamic_ncols=True,
-                   disable=not (cfg.progress and self.rank == 0))
+                   disable=not (cfg.progress and main))
         with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool, bar, log:
             while self.step < cfg.steps:
                 record = {"step": self.step + 1, **self.train_step(pool)}
                 self.step += 1
                 if cfg.eval.files and cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
                     record.update(self.evaluate(pool))
-                if self.rank == 0:
+                if main:
                     log.write(record)
                 bar.update()
                 bar.set_postfix(reward=f"{record['reward/mean']:.3f}", acc=f"{record['acc/mean']:.3f}",
                                 kept=f"{record['select/kept_frac']:.2f}")
                 if self.step == cfg.steps or cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
-        return self.last_checkpoint
+        return export_model(self.model, self.out / "model", self.world, self.tokenizer)
 
     def evaluate(self, pool: VerifierPool) -> dict:
-        return evaluate_run(self.cfg, self.model, self.tokenizer, pool)
+        """The eval files' metrics of the current policy, its prompts shared out over the ranks."""
+        if self.sharded:
+            self.backend.load_weights(full_parameters(self.model))
+        try:
+            return evaluate_run(self.cfg, self.backend.model, self.tokenizer, pool, self.world)
+        finally:
+            self.backend.release()
 
 
-def evaluate_run(cfg: RLConfig, model, tokenizer, pool: VerifierPool) -> dict:
+def pad_rows(rows: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per response [R_i] -> [B, max R_i] of `dtype`, right-padded with 0 ([0, 0] for no rows: a rank whose
+    share of a mini-batch is empty still joins its collectives, with tensors of the same dtype)."""
+    if not rows:
+        return torch.zeros(0, 0, dtype=dtype)
+    return pad_sequence(rows, batch_first=True).to(dtype)
+
+
+def evaluate_run(cfg: RLConfig, model, tokenizer, pool: VerifierPool, world: World | None = None) -> dict:
     """`eval/<file>/...` metrics of `model` on cfg.eval.files, with the run's prompt format, response length,
     verifier and scores (what the trainer logs every eval.every steps)."""
     model.eval()
@@ -542,7 +638,7 @@ def evaluate_run(cfg: RLConfig, model, tokenizer, pool: VerifierPool) -> dict:
     return evaluate_files(model, tokenizer, cfg.eval, pool, resolve_verifier(cfg.reward.verifier),
                           cfg.reward.values(), chat=d.chat, enable_thinking=d.enable_thinking,
                           template=None if d.chat else d.template, max_prompt_tokens=d.max_prompt_tokens,
-                          max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+                          max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, world=world)
 
 
 def main(argv: list[str]) -> int:

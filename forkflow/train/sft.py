@@ -2,8 +2,10 @@
 
 Each step takes `batch_size` examples, cuts them into chunks of at most C tokens, runs the state-aware
 schedule (activations of at most K chunks in memory), clips and steps AdamW (`chunkflow.batching=padded`
-runs padded micro-batches instead, the baseline ChunkFlow is compared with). Checkpoints are Hugging Face
-directories plus the trainer state, written atomically; rerunning with the same `out` resumes exactly.
+runs padded micro-batches instead, the baseline ChunkFlow is compared with). Under torchrun the batch's
+chunks are spread over the ranks by cost and the model is sharded with FSDP2 (`distributed.strategy`);
+the gradient is the one-process gradient of the same batch. Checkpoints (`forkflow.distributed`) load on
+any world size; rerunning with the same `out` resumes exactly; the final model is written to out/model.
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from forkflow.chat import load_tokenizer
-from forkflow.chunkflow import (
-    all_reduce_gradients,
-    assign_ranks,
-    attention_pair_cost,
-    chunked_backward,
-    total_loss_weight,
-)
+from forkflow.chunkflow import assign_ranks, attention_pair_cost, chunked_backward, total_loss_weight
 from forkflow.config import ConfigError, save_config
+from forkflow.distributed import (
+    DistributedConfig,
+    World,
+    export_model,
+    init_world,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    reduce_gradients,
+    save_checkpoint,
+    shard_model,
+    sum_over_ranks,
+)
 from forkflow.models.checkpoint import from_pretrained
 from forkflow.train.sft_data import SFTExample, load_sft_examples
 from forkflow.train.state import (
@@ -36,11 +44,8 @@ from forkflow.train.state import (
     ModelConfig,
     OptimConfig,
     build_optimizer,
-    latest_checkpoint,
-    resolve_device,
-    restore_trainer_state,
+    clip_gradients,
     run_training_command,
-    save_checkpoint,
 )
 
 
@@ -56,13 +61,14 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun
     batch_size: int = 16  # examples per optimizer step (the global batch, over all ranks)
     epochs: int = 1
     max_steps: int = 0  # 0: epochs × steps per epoch
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute; weights and AdamW stay fp32
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = "auto"  # auto: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
     seed: int = 0
-    out: str = "runs/sft"  # checkpoints/ and metrics.jsonl; a run whose `out` holds checkpoints resumes
+    out: str = "runs/sft"  # checkpoints/, metrics.jsonl, model/ (the final model); a rerun resumes
     save_every: int = 0  # steps between checkpoints; 0: only after the last step
     progress: bool = True  # tqdm progress bar on stderr
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars into `out` (extra: tensorboard)
@@ -92,70 +98,67 @@ def batch_indices(step: int, num_examples: int, cfg: SFTConfig) -> list[int]:
     return order[index * cfg.batch_size : (index + 1) * cfg.batch_size].tolist()
 
 
-def train_step(model, examples: list[SFTExample], cfg: SFTConfig, rank: int, world: int) -> dict:
+def train_step(model, examples: list[SFTExample], cfg: SFTConfig, world: World) -> dict:
     """Forward/backward of one global batch (this rank's share of its chunks); gradients summed over ranks."""
     chunks = cfg.chunkflow.build([e.input_ids for e in examples], loss_weights=[e.loss_mask for e in examples])
     normalizer = total_loss_weight(chunks)  # over the whole batch: every rank divides by the same count
-    mine = assign_ranks(chunks, world, attention_pair_cost(model.config))[rank] if world > 1 else chunks
-    device = model.lm_head.weight.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss = chunked_backward(model, mine, keep=cfg.chunkflow.keep, normalizer=normalizer)
-    if world > 1:
-        all_reduce_gradients(model)
-        total = torch.tensor([loss], dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        loss = total.item()
+    mine = assign_ranks(chunks, world.size, attention_pair_cost(model.config))[world.rank]
+    with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss = chunked_backward(model, mine, keep=cfg.chunkflow.keep, normalizer=normalizer,
+                                group=world.group if is_sharded(model) else None)
+    reduce_gradients(model, world)
+    (loss,) = sum_over_ranks([loss], world)
     return {"loss": loss, "tokens": sum(len(e.input_ids) for e in examples), "loss_tokens": int(normalizer),
             "chunks": len(chunks)}
 
 
-def train(cfg: SFTConfig) -> Path | None:
-    """Run (or resume) SFT as configured; returns the last checkpoint's directory."""
+def train(cfg: SFTConfig) -> Path:
+    """Run (or resume) SFT as configured; returns the Hugging Face directory of the final model (out/model)."""
     check_config(cfg)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = resolve_device(cfg.device)
+    world = init_world(cfg.distributed, cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     resume_from = latest_checkpoint(out)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     examples = load_sft_examples(cfg.data.train, tokenizer)
-    model = from_pretrained(resume_from or cfg.model.path, dtype=torch.float32, device=device)
+    model = shard_model(from_pretrained(cfg.model.path, dtype=torch.float32, device=world.device), world,
+                        cfg.distributed, cfg.precision)
     model.train()
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    start = restore_trainer_state(resume_from, optimizer, scheduler) if resume_from else 0
-    if rank == 0:
+    start = 0
+    if resume_from:
+        state = load_checkpoint(resume_from, model, optimizer, world)
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    if world.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "sft.yaml")
-    last = resume_from
-    show_bar = cfg.progress and rank == 0
-    with MetricsLog(out, start, cfg.tensorboard) if rank == 0 else contextlib.nullcontext() as log, tqdm(
+    show_bar = cfg.progress and world.main
+    with MetricsLog(out, start, cfg.tensorboard) if world.main else contextlib.nullcontext() as log, tqdm(
         total=total_steps, initial=start, desc="sft", disable=not show_bar, dynamic_ncols=True
     ) as bar:
         for step in range(start, total_steps):
             began = time.perf_counter()
             batch = [examples[i] for i in batch_indices(step, len(examples), cfg)]
-            record = train_step(model, batch, cfg, rank, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+            record = train_step(model, batch, cfg, world)
+            grad_norm = clip_gradients(model, cfg.optim.grad_clip)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - began
             record = {"step": step + 1, "epoch": (step + 1) * cfg.batch_size / len(examples), **record,
-                      "lr": lr, "grad_norm": grad_norm.item(), "step_s": seconds,
+                      "lr": lr, "grad_norm": grad_norm, "step_s": seconds,
                       "tokens_per_s": record["tokens"] / seconds}
             if log is not None:
                 log.write(record)
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             if step + 1 == total_steps or cfg.save_every and (step + 1) % cfg.save_every == 0:
-                if rank == 0:
-                    last = save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler,
-                                           config=lambda path: save_config(cfg, path / "sft.yaml"))
-                if world > 1:
-                    dist.barrier()
-    return last
+                save_checkpoint(out, step + 1, model, optimizer, world, {"scheduler": scheduler.state_dict()},
+                                tokenizer, write_files=lambda path: save_config(cfg, path / "sft.yaml"))
+    return export_model(model, out / "model", world, tokenizer)
 
 
 def main(argv: list[str]) -> int:

@@ -1,15 +1,12 @@
 """What the training loops share: model/optimizer/ChunkFlow config sections, AdamW with warmup + cosine or
-constant LR, the device, the metrics log (metrics.jsonl, optionally TensorBoard), and atomic Hugging Face
-checkpoints that resume exactly (optimizer, schedule, RNG).
+constant LR, the metrics log (metrics.jsonl, optionally TensorBoard), and the command runner. Checkpoints
+and the ranks are `forkflow.distributed`'s.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,7 +17,6 @@ import torch.distributed as dist
 from forkflow.chunkflow import Chunk, build_chunks, build_micro_batches
 from forkflow.config import ConfigError
 
-TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
 
 
@@ -83,67 +79,13 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
     return optimizer, scheduler
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; under torch.distributed each rank takes cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if device.index is None and dist.is_initialized():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)  # NCCL collectives run on the current device
-    return device
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint under out/checkpoints (an interrupted save leaves only a hidden
-    temporary directory, which is never picked)."""
-    steps = (Path(out) / "checkpoints").glob("step-*")
-    return max(steps, key=lambda p: int(p.name.removeprefix("step-")), default=None)
-
-
-def save_checkpoint(
-    out: Path,
-    step: int,
-    model,
-    tokenizer,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    config: Callable[[Path], None] | None = None,
-    extra: dict[str, str] | None = None,
-) -> Path:
-    """out/checkpoints/step-N: a Hugging Face directory (weights, config.json, tokenizer) plus the trainer
-    state; `config(dir)` writes the run's config, `extra` maps file names to text (e.g. the data position).
-    Everything is written to a temporary directory renamed into place, so a crash never leaves a
-    half-written checkpoint that looks complete."""
-    final = Path(out) / "checkpoints" / f"step-{step:08d}"
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if config is not None:
-        config(tmp)
-    for name, text in (extra or {}).items():
-        (tmp / name).write_text(text)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-    torch.save({"step": step, **state}, tmp / TRAINER_STATE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
-
-
-def restore_trainer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler) -> int:
-    """Optimizer, LR schedule and RNG from a checkpoint; returns the number of steps already taken."""
-    state = torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` (0: no clipping) and return the norm before clipping; the
+    norm of a sharded model's gradients is taken over all ranks' shards."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor: the shards' norms combined
+        norm = norm.full_tensor()
+    return norm.item()
 
 
 class MetricsLog:
@@ -188,12 +130,14 @@ class MetricsLog:
 
 
 def run_training_command(prog: str, description: str, config_cls, train, example: str, argv: list[str]) -> int:
-    """`prog CONFIG.yaml [key=value ...]` for a training loop: parse, join torchrun's process group when
-    launched by it, run `train(config)`, and turn input errors into one line on stderr (exit code 2)."""
+    """`prog CONFIG.yaml [key=value ...]` for a training loop: parse, run `train(config)` (which joins
+    torchrun's process group when launched by it), and turn input errors into one line on stderr (exit
+    code 2)."""
     import argparse
     import sys
 
     from forkflow.config import load_config
+    from forkflow.distributed import shutdown
     from forkflow.jsonl import InputError
     from forkflow.models.checkpoint import CheckpointError
 
@@ -201,12 +145,12 @@ def run_training_command(prog: str, description: str, config_cls, train, example
     parser.add_argument("config", help=f"YAML config, e.g. {example}")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=2e-6 chunkflow.keep=2")
     args = parser.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         last = train(load_config(config_cls, args.config, args.overrides))
     except (ConfigError, InputError, CheckpointError, FileNotFoundError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    print(f"{prog}: finished; checkpoint {last}", file=sys.stderr)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{prog}: finished; model {last}", file=sys.stderr)
+    shutdown()
     return 0

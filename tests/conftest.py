@@ -7,6 +7,8 @@ import itertools
 import pytest
 import torch
 import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 # Tiny models: one thread is faster than two competing ones, and steadier on a shared 2-core machine.
 torch.set_num_threads(1)
@@ -68,4 +70,27 @@ def qwen3_vocab_checkpoint(tmp_path_factory, qwen3_tokenizer_dir):
     hf_tiny_model(vocab_size=151936, tie_word_embeddings=True).save_pretrained(path)
     for file in qwen3_tokenizer_dir.iterdir():
         shutil.copy(file, path)
+    return path
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer_dir(tmp_path_factory):
+    """A one-character-per-token ChatML tokenizer whose ids fit the tiny test models' 128-row vocabulary."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = ["\n", *map(chr, range(32, 127))]
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<unk>", *chars])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    path = tmp_path_factory.mktemp("char-tokenizer")
+    fast.save_pretrained(path)
     return path

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from forkflow import cli
 from forkflow.chat import load_tokenizer
@@ -25,29 +23,6 @@ from forkflow.train.sft_data import load_sft_examples, sft_example
 from forkflow.train.state import MetricsLog, OptimConfig, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def char_tokenizer_dir(tmp_path_factory):
-    """A one-character-per-token ChatML tokenizer whose ids fit the tiny test models' 128-row vocabulary."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    chars = ["\n", *map(chr, range(32, 127))]
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<unk>", *chars])}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    path = tmp_path_factory.mktemp("char-tokenizer")
-    fast.save_pretrained(path)
-    return path
-
-
 def masked_text(tok, example):
     return tok.decode([t for t, m in zip(example.input_ids, example.loss_mask, strict=True) if m])
 

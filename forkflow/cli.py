@@ -13,6 +13,8 @@ COMMANDS = {
     "sft": ("forkflow.train.sft:main", "supervised fine-tuning with ChunkFlow batching"),
     "train": ("forkflow.train.rl:main", "RLVR (DAPO/GRPO) restricted to the high-entropy forking tokens"),
     "eval": ("forkflow.train.evaluate:main", "avg@k and pass@k of a checkpoint on verifiable problems"),
+    "plan": ("forkflow.distributed.plan:main",
+             "GPU memory per rank of a training config, and whether it fits (no GPU needed)"),
     "export": ("forkflow.distributed.checkpoint:main",
                "a Hugging Face directory from a training checkpoint saved on any number of ranks"),
     "experiment": ("forkflow.train.experiment:main",

@@ -4,13 +4,16 @@ replace, from a directory of the user's, which it must never delete or write int
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+
+from forkflow.config import ConfigError
 
 MARKER = ".forkflow-run"  # {"kind": "<command>"}, written into every run directory forkflow creates
 
 
-class RunDirError(ValueError):
+class RunDirError(ConfigError):
     """The output directory cannot be used without destroying files forkflow did not write."""
 
 
@@ -23,12 +26,12 @@ def prepare_run_dir(path: str | Path, kind: str, replace: bool = False, option: 
     no marker, and a run of another kind. `option` names how the user picks the directory, for the error message.
     """
     path = Path(path)
-    marker = path / MARKER
+    marker, tmp = path / MARKER, path / f"{MARKER}.tmp"
     fix = f"choose another {option} or empty that directory"
     if (path.exists() or path.is_symlink()) and not path.is_dir():
         raise RunDirError(f"{path} exists and is not a directory; refusing to replace it with a {kind!r} run: "
                           f"choose another {option}")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(child != tmp for child in path.iterdir()):  # tmp: a marker being written
         if not marker.is_file():
             raise RunDirError(f"{path} already holds files and no {MARKER} marker of a previous forkflow run; "
                               f"refusing to delete or overwrite them: {fix}")
@@ -43,7 +46,9 @@ def prepare_run_dir(path: str | Path, kind: str, replace: bool = False, option: 
                 else:
                     child.unlink()
     path.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"kind": kind}) + "\n")
+    if _marker_kind(marker) != kind:  # written once, atomically: a run killed now never leaves half a marker
+        tmp.write_text(json.dumps({"kind": kind}) + "\n")
+        os.replace(tmp, marker)
     return path
 
 

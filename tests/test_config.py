@@ -38,7 +38,7 @@ def test_int_is_accepted_for_float():
 @pytest.mark.parametrize("override,message", [
     (["optim.lrr=1"], "unknown key 'lrr'; did you mean 'lr'"),
     (["step=1"], "unknown key 'step'; did you mean 'steps'"),
-    (["steps=many"], r"config.steps: expected int, got 'many'"),
+    (["steps=many"], r"command line 'steps=many': steps: expected int, got 'many'"),
     (["optim.schedule=linear"], "'linear' is not one of"),
     (["steps"], "expected key=value"),
 ])
@@ -50,7 +50,7 @@ def test_bad_overrides(override, message):
 def test_bad_yaml_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  learning_rate: 1\n")
-    with pytest.raises(ConfigError, match=r"c.yaml.optim: unknown key 'learning_rate'"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: optim: unknown key 'learning_rate'"):
         load_config(Run, path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(Run, tmp_path / "missing.yaml")

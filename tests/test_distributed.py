@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from forkflow.chunkflow import assign_ranks, attention_pair_cost, build_chunks, chunked_backward, chunked_forward
 from forkflow.chunkflow.schedule import lockstep
 from forkflow.distributed import DistributedConfig, World, reduce_gradients, shard_model, shutdown
+from forkflow.run_dir import MARKER
 from tests.test_chunkflow import cross_entropy, random_batch, reference_gradients, tiny_model
 from tests.test_train_rl import tiny_config
 
@@ -183,6 +184,7 @@ def test_rl_steps_on_2_and_4_ranks_equal_one_process(rl_setup, tmp_path, strateg
             out = tmp_path / f"world2-then-{world}"
             shutil.copytree(tmp_path / "world2" / "checkpoints" / "step-00000001",
                             out / "checkpoints" / "step-00000001")
+            shutil.copy(tmp_path / "world2" / MARKER, out / MARKER)  # a forkflow run: it may be resumed
             got, got_weights = run_rl(rl_setup[moe], out, world, overrides)
             assert got == [r for r in one if r[0] == 1]  # step 2's responses (recorded at step index 1)
             assert close(got_weights, weights)
@@ -224,7 +226,7 @@ def train_sft_measuring_shards(overrides, result_file) -> None:
     train(load_config(SFTConfig, ROOT / "configs" / "sft_tiny.yaml", overrides))
     from forkflow.distributed import gather_objects, init_world
 
-    everyone = gather_objects(seen, init_world(load_config(SFTConfig, None, []).distributed))
+    everyone = gather_objects(seen, init_world(DistributedConfig()))
     if everyone and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(everyone, result_file)
 
@@ -283,6 +285,7 @@ def test_checkpoints_saved_on_2_ranks_resume_on_1_and_4_and_the_reverse(tmp_path
         out = tmp_path / f"{source}-then-{world}"
         shutil.copytree(tmp_path / source / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000002")
         shutil.copy(tmp_path / source / "metrics.jsonl", out / "metrics.jsonl")
+        shutil.copy(tmp_path / source / MARKER, out / MARKER)
         resumed, resumed_weights, _ = run_sft(out, world, overrides)
         assert [r["step"] for r in resumed] == [1, 2, 3, 4]
         assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in one], rel=1e-5)
@@ -383,5 +386,5 @@ def test_resuming_with_another_model_names_the_difference(tmp_path, sft_override
     assert cli_main(["sft", "configs/sft_tiny.yaml", *overrides, f"out={out}", "max_steps=2"]) == 0
     other, _ = tiny_checkpoint(hidden_size=32)
     assert cli_main(["sft", "configs/sft_tiny.yaml", *overrides, f"out={out}", "max_steps=4",
-                     f"model.path={other}"]) == 2
+                     f"model.path={other}", "allow_config_change=true"]) == 2
     assert "the checkpoint's model differs from model.path's in 'hidden_size' (64 vs 32)" in capsys.readouterr().err

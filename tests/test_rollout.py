@@ -8,7 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from forkflow.chat import THINKING_BUDGET_TEXT
+from forkflow.chat import THINKING_BUDGET_TEXT, load_tokenizer
 from forkflow.models import from_pretrained
 from forkflow.models.qwen3 import KVCache, StaticKVCache
 from forkflow.rollout import (
@@ -20,6 +20,10 @@ from forkflow.rollout import (
     generate,
 )
 from forkflow.rollout.cli import main as generate_cli
+from forkflow.rollout.cli import max_new_tokens
+from forkflow.rollout.cli import parser as generate_parser
+from forkflow.train.rl_data import load_rl_prompts
+from tests.test_train_rl import write_rl_setup
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 1, 2, 4], [50, 60, 70, 80, 90]]  # mixed lengths
 
@@ -276,7 +280,9 @@ def test_generate_cli_with_chat_prompts_and_thinking_budget(qwen3_vocab_checkpoi
         (['{"prompt_ids": [1, "a"]}'], "line 1: field 'prompt_ids' must be a list of token ids"),
         (['{"prompt_ids": [1]}', "", json.dumps({"prompt_ids": [1] * 600})], "line 3: prompt has 600 tokens"),
         (['{"prompt_ids": [1]}', "{not json"], "in.jsonl line 2: not valid JSON"),
-        (['{"prompt": "hello"}'], "line 1: 'prompt' is text, but"),
+        (['{"prompt": "hello"}'], "line 1: the prompt is text, but"),
+        (['{"problem": "1 2 -> 3"}'], "line 1: the prompt is text, but"),  # {problem, ...}: no answer needed
+        (['{"prompt": [{"content": "hi"}]}'], "line 1: prompt[0] must be an object with 'role'"),
     ],
 )
 def test_generate_cli_names_the_bad_line(tiny_checkpoint, tmp_path, capsys, lines, message):
@@ -285,3 +291,32 @@ def test_generate_cli_names_the_bad_line(tiny_checkpoint, tmp_path, capsys, line
     code = generate_cli(["--model", str(path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_cli_reads_the_layouts_train_and_eval_read(tmp_path):
+    """The demo's own data files ({problem, answer}) and verl's layout, rendered as `forkflow train` and `eval`
+    render them (one loader); `--thinking-budget 512` works without --max-new-tokens (the README's command)."""
+    root = write_rl_setup(tmp_path)  # root/init: a tiny Qwen3 with the demo's tokenizer; root/train.jsonl
+    rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()[:2]]
+    rows[1] = {"data_source": "countdown", "prompt": [{"role": "user", "content": rows[1]["problem"]}],
+               "reward_model": {"style": "rule", "ground_truth": rows[1]["answer"]}}
+    prompts = write_lines(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", str(root / "init"), "--prompts", str(prompts), "--out", str(out), "--n", "2"]
+    assert generate_cli([*argv, "--thinking-budget", "512"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = load_rl_prompts(prompts, load_tokenizer(root / "init"), chat=True, enable_thinking=True,
+                               template=None, max_prompt_tokens=256)
+    assert [r["prompt_ids"] for r in lines] == [p.prompt_ids for p in expected for _ in range(2)]
+    assert lines[0]["answer"] == rows[0]["answer"] and lines[2]["reward_model"] == rows[1]["reward_model"]
+
+
+@pytest.mark.parametrize("options,expected", [
+    ([], 256),
+    (["--thinking-budget", "512"], 512 + 256),  # the default answer budget after the thinking budget
+    (["--thinking-budget", "512", "--answer-budget", "100"], 612),
+    (["--thinking-budget", "512", "--max-new-tokens", "600"], 600),
+])
+def test_generate_max_new_tokens_default_leaves_room_after_the_thinking_budget(options, expected):
+    args = generate_parser().parse_args(["--model", "m", "--prompts", "p.jsonl", "--out", "o.jsonl", *options])
+    assert max_new_tokens(args) == expected

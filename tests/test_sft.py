@@ -1,26 +1,28 @@
 """SFT: assistant-only loss masks, data errors that name file and line, training that lowers the loss,
-exact resume from a checkpoint, padded batching, the metrics log (JSON lines, TensorBoard), and the
-`forkflow sft` command on configs/sft_tiny.yaml."""
+exact resume from a checkpoint, padded batching, and the `forkflow sft` command on configs/sft_tiny.yaml (the
+metrics log: tests/test_logging.py)."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from forkflow import cli
 from forkflow.chat import load_tokenizer
-from forkflow.config import ConfigError, load_config
+from forkflow.config import load_config
 from forkflow.jsonl import InputError, write_jsonl
 from forkflow.models.checkpoint import read_state_dict
+from forkflow.run_dir import MARKER
 from forkflow.train.sft import SFTConfig, train
 from forkflow.train.sft_data import load_sft_examples, sft_example
-from forkflow.train.state import MetricsLog, OptimConfig, lr_factor
+from forkflow.train.state import OptimConfig, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 def masked_text(tok, example):
@@ -71,17 +73,13 @@ def test_bad_rows_are_reported_with_file_and_line(case, tmp_path, char_tokenizer
 
 
 def test_parquet_rows(tmp_path, char_tokenizer_dir):
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        with pytest.raises(InputError, match="reading parquet needs pyarrow"):
-            load_sft_examples(tmp_path / "data.parquet", load_tokenizer(char_tokenizer_dir))
-        return
     pq.write_table(pa.Table.from_pylist([{"prompt": "Hi", "response": "Yo"}, {"prompt": None, "response": "x"}]),
                    tmp_path / "data.parquet")
     with pytest.raises(InputError, match="data.parquet row 1: field 'prompt'"):
         load_sft_examples(tmp_path / "data.parquet", load_tokenizer(char_tokenizer_dir))
+    pq.write_table(pa.Table.from_pylist([{"messages": CONVERSATION}]), tmp_path / "data.parquet")
+    tok = load_tokenizer(char_tokenizer_dir)
+    assert load_sft_examples(tmp_path / "data.parquet", tok)[0].input_ids == sft_example(tok, CONVERSATION).input_ids
 
 
 def test_lr_schedule():
@@ -136,6 +134,7 @@ def test_sft_lowers_the_loss_and_resumes_exactly(sft_setup, tmp_path):
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000006",
                     resumed_dir / "checkpoints" / "step-00000006")
     shutil.copy(tmp_path / "full" / "metrics.jsonl", resumed_dir / "metrics.jsonl")
+    shutil.copy(tmp_path / "full" / MARKER, resumed_dir / MARKER)  # a forkflow run: it may be resumed
     resumed = run_sft([*common, f"out={resumed_dir}"])
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
@@ -154,40 +153,6 @@ def test_padded_batching_gives_the_chunkflow_steps(sft_setup, tmp_path):
     for a, b in zip(chunkflow, padded, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-
-
-def test_metrics_log_resumes_in_json_lines_and_tensorboard(tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    with MetricsLog(tmp_path, 0, tensorboard=True) as log:
-        for step in (1, 2, 3):
-            log.write({"step": step, "loss": float(step), "note": "text is not a scalar"})
-    with MetricsLog(tmp_path, 1, tensorboard=True) as log:  # resumed after step 1: steps 2, 3 come again
-        log.write({"step": 2, "loss": 20.0})
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 20.0)]
-    events = EventAccumulator(str(tmp_path))
-    events.Reload()
-    assert events.Tags()["scalars"] == ["loss"]
-    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 20.0)]
-
-
-def test_tensorboard_without_the_package_is_a_config_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
-        MetricsLog(tmp_path, 0, tensorboard=True)
-    MetricsLog(tmp_path, 0).write({"step": 1, "loss": 0.5})  # JSON lines alone need nothing
-
-
-def test_metrics_log_writes_undefined_values_as_null(tmp_path):
-    MetricsLog(tmp_path, 0).write({"step": 1, "entropy/unselected_mean": float("nan"), "loss": float("inf")})
-
-    def strict(constant):
-        raise ValueError(f"{constant} is not JSON")
-
-    line = (tmp_path / "metrics.jsonl").read_text()
-    assert json.loads(line, parse_constant=strict) == {"step": 1, "entropy/unselected_mean": None, "loss": None}
 
 
 def test_sft_command_writes_checkpoints_and_a_hf_model_and_export_matches(sft_setup, tmp_path, capsys):

@@ -171,13 +171,15 @@ def run_step(trainer, monkeypatch) -> tuple[list[dict], int]:
 
 
 def test_reusing_the_rollout_statistics_gives_the_recomputed_gradients(setup, tmp_path, monkeypatch):
-    """Two mini-batches (lr 0, so both runs see the same weights): the rollout's entropies rank the first and
-    its log-probs are the second's π_old, against the same from teacher-forced no-grad forwards."""
-    cfg = {"optim.lr": 0.0, "rollout.max_new_tokens": 16, "select.scope": "mini"}
+    """Two mini-batches (no optimizer steps, so both runs see the same weights): the rollout's entropies rank the
+    first and its log-probs are the second's π_old, against the same from teacher-forced no-grad forwards."""
+    cfg = {"rollout.max_new_tokens": 16, "select.scope": "mini"}
     reused = RLTrainer(tiny_config(setup, tmp_path / "reused", **cfg))
+    monkeypatch.setattr(reused.optimizer, "step", lambda *args, **kwargs: None)
     got, forwards = run_step(reused, monkeypatch)
     assert forwards == 1  # the second mini-batch's ranking only
     forced = RLTrainer(tiny_config(setup, tmp_path / "forced", **cfg))
+    monkeypatch.setattr(forced.optimizer, "step", lambda *args, **kwargs: None)
     monkeypatch.setattr(RLTrainer, "reuses_rollout_statistics", property(lambda self: False))
     want, forwards = run_step(forced, monkeypatch)
     assert forwards == 2  # π_old of the batch before the first update, the second mini-batch's ranking

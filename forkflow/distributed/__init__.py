@@ -7,6 +7,7 @@ from forkflow.distributed.checkpoint import (
     export_model,
     latest_checkpoint,
     load_checkpoint,
+    resume_latest,
     save_checkpoint,
 )
 from forkflow.distributed.runtime import (
@@ -40,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "max_over_ranks",
     "reduce_gradients",
+    "resume_latest",
     "save_checkpoint",
     "shard_bounds",
     "shard_model",

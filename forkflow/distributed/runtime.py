@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from forkflow.config import ConfigError
+from forkflow.config import Positive
 
 
 @dataclass
@@ -29,7 +29,7 @@ class DistributedConfig:
     param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     reduce_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # of the gradient reduce-scatter; auto: fp32
     reshard_after_forward: bool = True  # free a block's gathered parameters after its forward (less memory)
-    timeout_s: float = 600.0  # a collective that waits longer fails, so a dead rank never hangs the others
+    timeout_s: Positive = 600.0  # a collective that waits longer fails, so a dead rank never hangs the others
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -52,8 +52,6 @@ class World:
 def init_world(cfg: DistributedConfig, device: str = "auto") -> World:
     """Join torchrun's process group when launched by it (WORLD_SIZE > 1), else a world of one. Each rank
     takes cuda:LOCAL_RANK on GPU. `device` is a training config's: auto picks cuda when available."""
-    if cfg.timeout_s <= 0:
-        raise ConfigError(f"distributed.timeout_s must be > 0, got {cfg.timeout_s}")
     name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     target = torch.device(name)
     size = int(os.environ.get("WORLD_SIZE", 1))

@@ -9,9 +9,10 @@ import sys
 from forkflow.entropy.report import write_comparison, write_report
 from forkflow.entropy.score import check_pairs, read_scored, score_responses
 from forkflow.entropy.stats import NEAR_ZERO
-from forkflow.jsonl import InputError, read_jsonl, token_id_list, write_jsonl
+from forkflow.jsonl import InputError, token_id_list, write_jsonl
 from forkflow.rollout.cli import add_model_arguments, load_model, record_prompt_ids, rounded, token_texts
 from forkflow.rollout.engine import PromptError
+from forkflow.train.sft_data import read_rows
 
 GENERATION_TOKEN_FIELDS = ("tokens", "logprobs", "sample_logprobs", "entropies")
 
@@ -30,16 +31,15 @@ def record_response_ids(record: dict, where: str, tokenizer, model_dir) -> list[
 
 
 def score(args) -> int:
-    records = read_jsonl(args.data)
+    records = read_rows(args.data)  # (where, row): .jsonl or .parquet
     model, tokenizer = load_model(args)
-    wheres = {line: f"{args.data} line {line}" for line, _ in records}
-    prompts = [record_prompt_ids(r, wheres[line], tokenizer, args) for line, r in records]
-    responses = [record_response_ids(r, wheres[line], tokenizer, args.model) for line, r in records]
+    prompts = [record_prompt_ids(r, where, tokenizer, args) for where, r in records]
+    responses = [record_response_ids(r, where, tokenizer, args.model) for where, r in records]
     cfg = model.config
     try:
         check_pairs(prompts, responses, cfg.vocab_size, cfg.max_position_embeddings)
     except PromptError as e:
-        raise InputError(f"{wheres[records[e.index][0]]}: {e.reason}") from None
+        raise InputError(f"{records[e.index][0]}: {e.reason}") from None
     scores = score_responses(model, prompts, responses, args.temperature, args.batch_size)
 
     def scored_records():
@@ -105,7 +105,10 @@ def parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(s)
     s.add_argument(
-        "--data", required=True, help="JSON lines: 'prompt' or 'prompt_ids', and 'response' or 'token_ids'"
+        "--data",
+        required=True,
+        help=".jsonl or .parquet: a prompt as `forkflow generate` reads it ('prompt', 'problem' or "
+        "'prompt_ids'), and 'response' or 'token_ids'",
     )
     s.add_argument("--out", required=True)
     s.add_argument(

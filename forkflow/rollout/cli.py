@@ -1,6 +1,6 @@
-"""`forkflow generate`: sample responses for the prompts of a JSON-lines file and write one line per sample
-with its token ids, text, per-token log-probs and entropies. Also the model/prompt arguments that
-`forkflow entropy score` shares."""
+"""`forkflow generate`: sample responses for the prompts of a data file (.jsonl or .parquet, in the layouts
+`forkflow train` and `eval` read, or token ids) and write one JSON line per sample with its token ids, text,
+per-token log-probs and entropies. Also the model/prompt arguments that `forkflow entropy score` shares."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from forkflow import chat
-from forkflow.jsonl import InputError, read_jsonl, token_id_list, write_jsonl
+from forkflow.jsonl import InputError, token_id_list, write_jsonl
 from forkflow.models import CheckpointError, from_pretrained
 from forkflow.rollout.backend import TorchBackend
 from forkflow.rollout.engine import PromptError, Sample, check_prompts
@@ -23,8 +23,11 @@ from forkflow.rollout.sampling import (
     SamplingParams,
     ThinkingBudget,
 )
+from forkflow.train.rl_data import prompt_token_ids, row_prompt
+from forkflow.train.sft_data import read_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_NEW_TOKENS = 256  # --max-new-tokens, or the answer budget after --thinking-budget
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,21 +72,18 @@ def load_model(args):
 
 
 def record_prompt_ids(record: dict, where: str, tokenizer, args) -> list[int]:
-    """Token ids of a record's `prompt_ids`, or of its `prompt` (text or chat messages) rendered."""
+    """Token ids of a record's `prompt_ids`, or of its prompt in one of the training data's layouts (verl's
+    `prompt` as text or chat messages, or `problem`) rendered with the chat template or --template."""
     if "prompt_ids" in record:
         return token_id_list(record, "prompt_ids", where)
-    if "prompt" not in record:
-        raise InputError(f"{where}: needs 'prompt' (text or chat messages) or 'prompt_ids' (token ids)")
-    prompt = record["prompt"]
-    is_messages = isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
-    if not isinstance(prompt, str) and not is_messages:
-        raise InputError(f"{where}: 'prompt' must be text or a list of {{role, content}} messages")
-    if not prompt or isinstance(prompt, str) and not prompt.strip():
-        raise InputError(f"{where}: prompt is empty")
+    if "prompt" not in record and "problem" not in record:
+        raise InputError(f"{where}: needs 'prompt' (text or chat messages), 'problem' (text) or 'prompt_ids' "
+                         f"(token ids); found fields {sorted(record)}")
+    prompt, _, _ = row_prompt(record, where, need_answer=False)
     if tokenizer is None:
-        raise InputError(f"{where}: 'prompt' is text, but {args.model} has no tokenizer; give 'prompt_ids'")
+        raise InputError(f"{where}: the prompt is text, but {args.model} has no tokenizer; give 'prompt_ids'")
     try:
-        return chat.render_prompt(
+        return prompt_token_ids(
             tokenizer, prompt, chat=args.chat, enable_thinking=args.enable_thinking, template=args.template
         )
     except (ValueError, KeyError) as e:
@@ -121,6 +121,16 @@ def sample_record(record: dict, prompt_ids: list[int], sample: Sample, tokenizer
     return out
 
 
+def max_new_tokens(args) -> int:
+    """--max-new-tokens; unset, 256 tokens, or with a thinking budget that budget plus 256 (or --answer-budget)
+    tokens for the answer, so `--thinking-budget 512` works alone."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    if args.thinking_budget is None:
+        return DEFAULT_NEW_TOKENS
+    return args.thinking_budget + (args.answer_budget or DEFAULT_NEW_TOKENS)
+
+
 def sampling_params(args, tokenizer, config) -> SamplingParams:
     if tokenizer is not None:
         stop_ids = chat.stop_token_ids(tokenizer)
@@ -147,7 +157,7 @@ def sampling_params(args, tokenizer, config) -> SamplingParams:
     try:
         return SamplingParams(
             n=args.n,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new_tokens(args),
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
@@ -165,7 +175,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forkflow generate", description=__doc__.split("\n")[0])
     add_model_arguments(p)
     p.add_argument(
-        "--prompts", required=True, help="JSON lines, each with 'prompt' (text/messages) or 'prompt_ids'"
+        "--prompts",
+        required=True,
+        help=".jsonl or .parquet: verl's layout ('prompt' as text or chat messages), {problem, ...} as train and "
+        "eval read, or 'prompt_ids' (token ids); a row's fields travel with its samples",
     )
     p.add_argument("--out", required=True, help="JSON lines, one per sample")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -173,7 +186,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default: {DEFAULT_NEW_TOKENS}; with --thinking-budget, the budget + the answer budget "
+        f"(default {DEFAULT_NEW_TOKENS})",
+    )
     p.add_argument(
         "--thinking-budget", type=int, default=None, help="thinking tokens before the stop-thinking suffix"
     )
@@ -181,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
         "--answer-budget",
         type=int,
         default=None,
-        help="tokens after the suffix (default: max-new-tokens - thinking-budget)",
+        help=f"tokens after the suffix (default: max-new-tokens - thinking-budget, else {DEFAULT_NEW_TOKENS})",
     )
     p.add_argument(
         "--high-entropy-temperature",
@@ -208,14 +227,14 @@ def main(argv: list[str]) -> int:
 
 
 def run(args) -> int:
-    records = read_jsonl(args.prompts)
+    records = read_rows(args.prompts)  # (where, row)
     model, tokenizer = load_model(args)
     params = sampling_params(args, tokenizer, model.config)
-    prompts = [record_prompt_ids(r, f"{args.prompts} line {line}", tokenizer, args) for line, r in records]
+    prompts = [record_prompt_ids(row, where, tokenizer, args) for where, row in records]
     try:
         check_prompts(prompts, model.config.vocab_size, model.config.max_position_embeddings)
     except PromptError as e:
-        raise InputError(f"{args.prompts} line {records[e.index][0]}: {e.reason}") from None
+        raise InputError(f"{records[e.index][0]}: {e.reason}") from None
 
     backend = TorchBackend(model)
     bar = tqdm(total=len(prompts) * params.n, unit="sample", desc="generate", disable=None)  # terminal only

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from forkflow.chat import load_tokenizer, stop_token_ids
+from forkflow.config import Count, NonNegative, NonNegativeInt, Probability
 from forkflow.distributed import World, gather_objects, shard_bounds
 from forkflow.jsonl import InputError
 from forkflow.models.checkpoint import CheckpointError, from_pretrained
@@ -28,11 +29,11 @@ from forkflow.train.rl_data import BOXED_TEMPLATE, load_rl_prompts
 @dataclass
 class EvalConfig:
     files: list[str] = field(default_factory=list)  # .jsonl/.parquet in the training data's layouts
-    every: int = 0  # steps between evaluations (and always after the last); 0: never during training
-    k: int = 4  # samples per prompt
-    temperature: float = 1.0  # the paper evaluates at T = 1 (avg@k); 0 gives greedy (k is then 1)
-    top_p: float = 1.0
-    batch_prompts: int = 64  # prompts generated together
+    every: NonNegativeInt = 0  # steps between evaluations (and always after the last); 0: never during training
+    k: Count = 4  # samples per prompt
+    temperature: NonNegative = 1.0  # the paper evaluates at T = 1 (avg@k); 0 gives greedy (k is then 1)
+    top_p: Probability = 1.0
+    batch_prompts: Count = 64  # prompts generated together
 
 
 def evaluate_prompts(model, tokenizer, prompts, cfg: EvalConfig, pool, verifier, values: RewardValues,

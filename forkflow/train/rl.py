@@ -19,7 +19,10 @@ normaliser and the metrics are decided over all ranks. Each sample's random stre
 weights after it, do not depend on the number of ranks. With `distributed.strategy=fsdp` the policy is
 sharded (FSDP2) and the rollout samples from whole weights gathered once per step. A checkpoint
 (`forkflow.distributed`) holds the model, optimizer, LR schedule and data position and loads on any world
-size, so a resumed run continues exactly like an uninterrupted one.
+size, so a resumed run continues exactly like an uninterrupted one: rerunning the command into the same
+`out` resumes (its config must still describe the same experiment), after a crash, a kill or a SIGTERM /
+SIGUSR1 (`forkflow.train.preemption`: the step finishes and is saved first). An update whose loss or
+gradient norm is not finite is skipped (`UpdateGuard`).
 """
 
 from __future__ import annotations
@@ -30,27 +33,34 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from forkflow.chat import load_tokenizer, stop_token_ids
+from forkflow.chat import stop_token_ids
 from forkflow.chunkflow import chunked_backward, chunked_forward, unchunk
-from forkflow.config import ConfigError, save_config
+from forkflow.config import (
+    ConfigError,
+    Count,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    Probability,
+    Range,
+    save_config,
+)
 from forkflow.distributed import (
     DistributedConfig,
     World,
     export_model,
     full_parameters,
     gather_objects,
-    init_world,
     is_sharded,
-    latest_checkpoint,
-    load_checkpoint,
     max_over_ranks,
     reduce_gradients,
+    resume_latest,
     save_checkpoint,
     shard_bounds,
     shard_model,
@@ -73,15 +83,22 @@ from forkflow.rl import (
 )
 from forkflow.rollout import Sample, SamplingParams, TorchBackend
 from forkflow.train.evaluate import EvalConfig, evaluate_files
+from forkflow.train.preemption import Preemption
 from forkflow.train.rl_data import BOXED_TEMPLATE, RLPrompt, load_rl_prompts
 from forkflow.train.state import (
+    RUN_KEYS,
     ChunkFlowConfig,
     MetricsLog,
     ModelConfig,
     OptimConfig,
+    TrainingError,
+    UpdateGuard,
     build_optimizer,
+    check_device,
     clip_gradients,
+    open_run,
     run_training_command,
+    start_world,
 )
 
 
@@ -91,17 +108,17 @@ class DataConfig:
     chat: bool = True  # render with the tokenizer's chat template; false: `template` (base models)
     enable_thinking: bool = True
     template: str = BOXED_TEMPLATE  # {prompt} is the problem
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: Count = 1024
     shuffle: bool = True  # a new seeded order every epoch
 
 
 @dataclass
 class RolloutConfig:
-    n: int = 16  # responses per prompt (the GRPO group)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 20480
+    n: Annotated[int, Range(2, why="group-relative advantages need a group")] = 16  # responses per prompt
+    temperature: Annotated[float, Range(0, low_open=True, why="the update's log-probs are at it")] = 1.0
+    top_p: Probability = 1.0
+    top_k: NonNegativeInt = 0  # 0: off
+    max_new_tokens: Count = 20480
 
 
 @dataclass
@@ -109,10 +126,10 @@ class RewardConfig:
     verifier: str = "math"  # math | math_answer_line | countdown | arithmetic | package.module:function
     correct: float = 1.0
     incorrect: float = 0.0  # DAPO: -1.0
-    timeout_s: float = 10.0  # wall clock per check; a slower one scores `incorrect` and is counted
-    workers: int = 2
-    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens before max_new_tokens; 0: off
-    overlong_factor: float = 1.0
+    timeout_s: Positive = 10.0  # wall clock per check; a slower one scores `incorrect` and is counted
+    workers: Count = 2
+    overlong_buffer: NonNegativeInt = 0  # DAPO soft overlong punishment, last N tokens before max_new_tokens; 0: off
+    overlong_factor: NonNegative = 1.0
 
     def values(self) -> RewardValues:
         """The scores of a correct, an incorrect and an unverifiable (timed-out, failed) response."""
@@ -123,21 +140,21 @@ class RewardConfig:
 class AlgoConfig:
     advantage: Literal["grpo", "rloo"] = "grpo"
     norm_by_std: bool = True  # false: Dr.GRPO
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    clip_dual: float = 10.0
+    clip_low: Annotated[float, Range(0, 1, high_open=True)] = 0.2  # ratio clipped below at 1 - clip_low
+    clip_high: NonNegative = 0.28  # and above at 1 + clip_high
+    clip_dual: Annotated[float, Range(1, low_open=True)] = 10.0  # dual-clip bound c of negative advantages
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    kl_coef: float = 0.0  # KL to the initial policy (k1/k3); 0: no reference model is kept
+    kl_coef: NonNegative = 0.0  # KL to the initial policy (k1/k3); 0: no reference model is kept
     kl_estimator: Literal["k1", "k3"] = "k3"
     entropy_coef: float = 0.0
     dynamic_sampling: bool = True  # DAPO: keep only groups with mixed correctness
-    max_gen_rounds: int = 8  # dynamic sampling gives up (an error) after this many generation rounds
+    max_gen_rounds: Count = 8  # dynamic sampling gives up (an error) after this many generation rounds
 
 
 @dataclass
 class SelectionConfig:
     mode: Literal["all", "top", "bottom", "random"] = "top"  # top: forking tokens; bottom: the other 1-ρ
-    ratio: float = 0.2  # ρ
+    ratio: Probability = 0.2  # ρ
     # ranking pool: micro-batch (chunkflow.micro_batch_size sequences: with padded batching, each forward's
     # micro-batch, as the official code) | mini-batch | the mini-batch over all ranks
     scope: Literal["micro", "mini", "global"] = "global"
@@ -156,39 +173,42 @@ class RLConfig:
     chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun
     eval: EvalConfig = field(default_factory=EvalConfig)
-    prompts_per_step: int = 512
-    mini_batch_prompts: int = 32  # prompts per optimizer update (512 / 32 = 16 updates per step)
-    steps: int = 100
+    prompts_per_step: Count = 512
+    mini_batch_prompts: Count = 32  # prompts per optimizer update (512 / 32 = 16 updates per step)
+    steps: Count = 100
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     seed: int = 0
-    out: str = "runs/rl"
-    save_every: int = 0  # steps between checkpoints; 0: only after the last step
+    out: str = "runs/rl"  # a new directory or this run's: a rerun resumes from its newest checkpoint
+    save_every: NonNegativeInt = 0  # steps between checkpoints; 0: only after the last step
+    keep_last: NonNegativeInt = 3  # checkpoints kept (the newest); 0: all
+    guard_max_skips: Count = 3  # non-finite updates skipped in a row before the run stops
+    allow_config_change: bool = False  # resume `out` even if its saved config differs in experiment keys
     progress: bool = True
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars into `out` (extra: tensorboard)
+    wandb: bool = False  # also a Weights & Biases run in out/wandb, offline unless WANDB_MODE=online (extra: wandb)
+    wandb_project: str = "forkflow"  # the W&B project of wandb=true
+
+    def check(self, prefix: str = "") -> None:
+        if not self.model.path:
+            raise ConfigError("model.path is required: the Hugging Face checkpoint directory to train", ("model.path",))
+        if not self.data.train:
+            raise ConfigError("data.train is required: a .jsonl or .parquet file of prompts with answers",
+                              ("data.train",))
+        if self.prompts_per_step % self.mini_batch_prompts:
+            raise ConfigError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batch_prompts "
+                              f"({self.mini_batch_prompts})", ("prompts_per_step", "mini_batch_prompts"))
+        if not self.data.chat and "{prompt}" not in self.data.template:
+            raise ConfigError("data.template must hold a {prompt} field, where each problem goes", ("data.template",))
+        if self.reward.overlong_buffer >= self.rollout.max_new_tokens:
+            raise ConfigError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be below "
+                              f"rollout.max_new_tokens ({self.rollout.max_new_tokens})",
+                              ("reward.overlong_buffer", "rollout.max_new_tokens"))
+        check_device(self.device)
 
 
-def check_config(cfg: RLConfig) -> None:
-    if not cfg.model.path:
-        raise ConfigError("model.path is required: the Hugging Face checkpoint directory to train")
-    if not cfg.data.train:
-        raise ConfigError("data.train is required: a .jsonl or .parquet file of prompts with answers")
-    if cfg.prompts_per_step % cfg.mini_batch_prompts:
-        raise ConfigError(
-            f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of mini_batch_prompts "
-            f"({cfg.mini_batch_prompts})"
-        )
-    if cfg.rollout.temperature <= 0:
-        raise ConfigError(f"rollout.temperature must be > 0 (the update's log-probs are at it), got "
-                          f"{cfg.rollout.temperature}")
-    if cfg.chunkflow.micro_batch_size < 1:
-        raise ConfigError(f"chunkflow.micro_batch_size must be >= 1, got {cfg.chunkflow.micro_batch_size}")
-    if cfg.rollout.n < 2:
-        raise ConfigError(f"rollout.n must be >= 2 (group-relative advantages need a group), got {cfg.rollout.n}")
-    if cfg.reward.overlong_buffer >= cfg.rollout.max_new_tokens:
-        raise ConfigError("reward.overlong_buffer must be below rollout.max_new_tokens")
-    if cfg.select.mode != "all" and not 0 < cfg.select.ratio <= 1:
-        raise ConfigError(f"select.ratio must be in (0, 1], got {cfg.select.ratio}")
+# what a rerun may change and still resume: beside RUN_KEYS, the length of the run and how it evaluates and scores
+RL_RUN_KEYS = (*RUN_KEYS, "steps", "eval", "reward.workers", "reward.timeout_s")
 
 
 @dataclass
@@ -229,17 +249,18 @@ class PromptStream:
 
 class RLTrainer:
     def __init__(self, cfg: RLConfig):
-        check_config(cfg)
         self.cfg = cfg
-        self.world = world = init_world(cfg.distributed, cfg.device)
+        self.world = world = start_world(cfg)
         if cfg.prompts_per_step % world.size:
             raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of "
                               f"ranks ({world.size}): each rank generates an equal share of every round")
         self.device = world.device
         torch.manual_seed(cfg.seed)
-        self.out = Path(cfg.out)
-        resume = latest_checkpoint(self.out)
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        self.tokenizer = cfg.model.load_tokenizer()
+        for file in cfg.eval.files:  # read only at the first evaluation: a missing one would fail mid-run
+            if not Path(file).is_file():
+                raise ConfigError(f"eval.files: {file}: no such file")
+        self.out = open_run(cfg, "rl", "config.yaml", RL_RUN_KEYS, world)
         self.stop_ids = tuple(stop_token_ids(self.tokenizer))
         d = cfg.data
         prompts = load_rl_prompts(d.train, self.tokenizer, chat=d.chat, enable_thinking=d.enable_thinking,
@@ -248,11 +269,11 @@ class RLTrainer:
         self.reference = self.load_model().eval() if cfg.algo.kl_coef else None
         updates = cfg.steps * cfg.prompts_per_step // cfg.mini_batch_prompts
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, updates)
-        self.step, cursor = 0, 0
-        if resume:
-            state = load_checkpoint(resume, self.model, self.optimizer, world)
+        state = resume_latest(self.out, self.model, self.optimizer, world) or {}
+        if state:
             self.scheduler.load_state_dict(state["scheduler"])
-            self.step, cursor = state["step"], state["cursor"]
+        self.step, cursor = state.get("step", 0), state.get("cursor", 0)
+        self.guard = UpdateGuard(cfg.guard_max_skips, state.get("skipped_in_a_row", 0))
         self.stream = PromptStream(prompts, cfg.seed, d.shuffle, cursor)
         # a sharded model has no whole copy to sample from: the rollout gathers one per step
         self.sharded = is_sharded(self.model)
@@ -296,7 +317,7 @@ class RLTrainer:
                                                   world)
                 faults = (f" The verifier failed on {errors:.0f} and timed out on {timeouts:.0f} of these "
                           "responses (scored incorrect): fix it first." if errors or timeouts else "")
-                raise RuntimeError(
+                raise TrainingError(
                     f"dynamic sampling kept {kept_groups} of {wanted} groups after "
                     f"{cfg.algo.max_gen_rounds} generation rounds: almost every group is all right or all "
                     "wrong. Raise algo.max_gen_rounds, use easier/harder data, or set algo.dynamic_sampling=false."
@@ -454,9 +475,7 @@ class RLTrainer:
         reduce_gradients(self.model, self.world)
         metrics.update(grad_norm=clip_gradients(self.model, self.cfg.optim.grad_clip),
                        lr=self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.apply(self.optimizer, self.scheduler, metrics["pg/loss"], metrics["grad_norm"])
         return metrics
 
     def accumulate_gradients(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None = None,
@@ -573,6 +592,7 @@ class RLTrainer:
             results.append(self.update([batch[j] for j in part], old, entropies, i))
         for key in results[0]:
             record[key] = sum(u[key] for u in results) / len(results)
+        record.update(self.guard.step_metrics())
         now = time.perf_counter()
         (tokens,) = sum_over_ranks([sum(len(r.prompt_ids) + len(r.token_ids) for r in batch)], self.world)
         record.update({
@@ -581,23 +601,22 @@ class RLTrainer:
         })
         return record
 
-    def save(self) -> None:
+    def save(self) -> Path:
         cfg = self.cfg
-        save_checkpoint(self.out, self.step, self.model, self.optimizer, self.world,
-                        {"scheduler": self.scheduler.state_dict(), "cursor": self.stream.cursor}, self.tokenizer,
-                        write_files=lambda path: save_config(cfg, path / "rl.yaml"))
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.world,
+                               {"scheduler": self.scheduler.state_dict(), "cursor": self.stream.cursor,
+                                "skipped_in_a_row": self.guard.in_a_row}, self.tokenizer,
+                               write_files=lambda path: save_config(cfg, path / "rl.yaml"), keep_last=cfg.keep_last)
 
     def train(self) -> Path:
         """Run (or resume) the configured steps; returns the Hugging Face directory of the final policy
-        (out/model)."""
+        (out/model). Raises Preempted after saving when a signal asked the run to stop."""
         cfg, main = self.cfg, self.world.main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-        log = MetricsLog(self.out, self.step, cfg.tensorboard) if main else contextlib.nullcontext()
+        log = MetricsLog(self.out, self.step, cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
+                         config=cfg) if main else contextlib.nullcontext()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="rl", dynamic_ncols=True,
                    disable=not (cfg.progress and main))
-        with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool, bar, log:
+        with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool, bar, log, Preemption() as preemption:
             while self.step < cfg.steps:
                 record = {"step": self.step + 1, **self.train_step(pool)}
                 self.step += 1
@@ -608,8 +627,7 @@ class RLTrainer:
                 bar.update()
                 bar.set_postfix(reward=f"{record['reward/mean']:.3f}", acc=f"{record['acc/mean']:.3f}",
                                 kept=f"{record['select/kept_frac']:.2f}")
-                if self.step == cfg.steps or cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save()
+                preemption.after_step(self.step, cfg.steps, cfg.save_every, self.save, self.world)
         return export_model(self.model, self.out / "model", self.world, self.tokenizer)
 
     def evaluate(self, pool: VerifierPool) -> dict:

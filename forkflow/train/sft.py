@@ -5,7 +5,9 @@ schedule (activations of at most K chunks in memory), clips and steps AdamW (`ch
 runs padded micro-batches instead, the baseline ChunkFlow is compared with). Under torchrun the batch's
 chunks are spread over the ranks by cost and the model is sharded with FSDP2 (`distributed.strategy`);
 the gradient is the one-process gradient of the same batch. Checkpoints (`forkflow.distributed`) load on
-any world size; rerunning with the same `out` resumes exactly; the final model is written to out/model.
+any world size; rerunning with the same `out` resumes exactly (after a crash, a kill, or a SIGTERM / SIGUSR1
+that lets the step finish and saves it: `forkflow.train.preemption`); the final model is written to
+out/model. An update whose loss or gradient norm is not finite is skipped (`UpdateGuard`).
 """
 
 from __future__ import annotations
@@ -20,32 +22,35 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from forkflow.chat import load_tokenizer
 from forkflow.chunkflow import assign_ranks, attention_pair_cost, chunked_backward, total_loss_weight
-from forkflow.config import ConfigError, save_config
+from forkflow.config import ConfigError, Count, NonNegativeInt, save_config
 from forkflow.distributed import (
     DistributedConfig,
     World,
     export_model,
-    init_world,
     is_sharded,
-    latest_checkpoint,
-    load_checkpoint,
     reduce_gradients,
+    resume_latest,
     save_checkpoint,
     shard_model,
     sum_over_ranks,
 )
 from forkflow.models.checkpoint import from_pretrained
+from forkflow.train.preemption import Preemption
 from forkflow.train.sft_data import SFTExample, load_sft_examples
 from forkflow.train.state import (
+    RUN_KEYS,
     ChunkFlowConfig,
     MetricsLog,
     ModelConfig,
     OptimConfig,
+    UpdateGuard,
     build_optimizer,
+    check_device,
     clip_gradients,
+    open_run,
     run_training_command,
+    start_world,
 )
 
 
@@ -62,29 +67,33 @@ class SFTConfig:
     chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun
-    batch_size: int = 16  # examples per optimizer step (the global batch, over all ranks)
-    epochs: int = 1
-    max_steps: int = 0  # 0: epochs × steps per epoch
+    batch_size: Count = 16  # examples per optimizer step (the global batch, over all ranks)
+    epochs: Count = 1
+    max_steps: NonNegativeInt = 0  # 0: epochs × steps per epoch
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute; weights and AdamW stay fp32
     device: str = "auto"  # auto: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
     seed: int = 0
     out: str = "runs/sft"  # checkpoints/, metrics.jsonl, model/ (the final model); a rerun resumes
-    save_every: int = 0  # steps between checkpoints; 0: only after the last step
+    save_every: NonNegativeInt = 0  # steps between checkpoints; 0: only after the last step
+    keep_last: NonNegativeInt = 3  # checkpoints kept (the newest); 0: all
+    guard_max_skips: Count = 3  # non-finite updates skipped in a row before the run stops
+    allow_config_change: bool = False  # resume `out` even if its saved config differs in experiment keys
     progress: bool = True  # tqdm progress bar on stderr
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars into `out` (extra: tensorboard)
+    wandb: bool = False  # also a Weights & Biases run in out/wandb, offline unless WANDB_MODE=online (extra: wandb)
+    wandb_project: str = "forkflow"  # the W&B project of wandb=true
+
+    def check(self, prefix: str = "") -> None:
+        if not self.model.path:
+            raise ConfigError("model.path is required: the Hugging Face checkpoint directory to fine-tune",
+                              ("model.path",))
+        if not self.data.train:
+            raise ConfigError("data.train is required: a .jsonl or .parquet file of conversations", ("data.train",))
+        check_device(self.device)
 
 
-def check_config(cfg: SFTConfig) -> None:
-    if not cfg.model.path:
-        raise ConfigError("model.path is required: the Hugging Face checkpoint directory to fine-tune")
-    if not cfg.data.train:
-        raise ConfigError("data.train is required: a .jsonl or .parquet file of conversations")
-    counts = {"chunkflow.chunk_size": cfg.chunkflow.chunk_size, "chunkflow.keep": cfg.chunkflow.keep,
-              "chunkflow.micro_batch_size": cfg.chunkflow.micro_batch_size, "batch_size": cfg.batch_size,
-              "epochs": cfg.epochs}
-    for key, value in counts.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+# what a rerun may change and still resume: beside RUN_KEYS, the length of the run
+SFT_RUN_KEYS = (*RUN_KEYS, "max_steps", "epochs")
 
 
 def batch_indices(step: int, num_examples: int, cfg: SFTConfig) -> list[int]:
@@ -113,51 +122,53 @@ def train_step(model, examples: list[SFTExample], cfg: SFTConfig, world: World) 
 
 
 def train(cfg: SFTConfig) -> Path:
-    """Run (or resume) SFT as configured; returns the Hugging Face directory of the final model (out/model)."""
-    check_config(cfg)
-    world = init_world(cfg.distributed, cfg.device)
+    """Run (or resume) SFT as configured; returns the Hugging Face directory of the final model (out/model).
+    Raises Preempted after saving when a signal asked the run to stop."""
+    world = start_world(cfg)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    resume_from = latest_checkpoint(out)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = cfg.model.load_tokenizer()
+    out = open_run(cfg, "sft", "sft.yaml", SFT_RUN_KEYS, world)
     examples = load_sft_examples(cfg.data.train, tokenizer)
     model = shard_model(from_pretrained(cfg.model.path, dtype=torch.float32, device=world.device), world,
                         cfg.distributed, cfg.precision)
     model.train()
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    start = 0
-    if resume_from:
-        state = load_checkpoint(resume_from, model, optimizer, world)
+    state = resume_latest(out, model, optimizer, world) or {}
+    if state:
         scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "sft.yaml")
+    guard = UpdateGuard(cfg.guard_max_skips, state.get("skipped_in_a_row", 0))
+    step = state.get("step", 0)
+
+    def save() -> Path:
+        return save_checkpoint(out, step, model, optimizer, world, {"scheduler": scheduler.state_dict(),
+                                                                    "skipped_in_a_row": guard.in_a_row},
+                               tokenizer, write_files=lambda path: save_config(cfg, path / "sft.yaml"),
+                               keep_last=cfg.keep_last)
+
     show_bar = cfg.progress and world.main
-    with MetricsLog(out, start, cfg.tensorboard) if world.main else contextlib.nullcontext() as log, tqdm(
-        total=total_steps, initial=start, desc="sft", disable=not show_bar, dynamic_ncols=True
-    ) as bar:
-        for step in range(start, total_steps):
+    log = MetricsLog(out, step, cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
+                     config=cfg) if world.main else contextlib.nullcontext()
+    with log as log, tqdm(
+        total=total_steps, initial=step, desc="sft", disable=not show_bar, dynamic_ncols=True
+    ) as bar, Preemption() as preemption:
+        while step < total_steps:
             began = time.perf_counter()
             batch = [examples[i] for i in batch_indices(step, len(examples), cfg)]
             record = train_step(model, batch, cfg, world)
             grad_norm = clip_gradients(model, cfg.optim.grad_clip)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            guard.apply(optimizer, scheduler, record["loss"], grad_norm)
+            step += 1
             seconds = time.perf_counter() - began
-            record = {"step": step + 1, "epoch": (step + 1) * cfg.batch_size / len(examples), **record,
-                      "lr": lr, "grad_norm": grad_norm, "step_s": seconds,
+            record = {"step": step, "epoch": step * cfg.batch_size / len(examples), **record,
+                      "lr": lr, "grad_norm": grad_norm, **guard.step_metrics(), "step_s": seconds,
                       "tokens_per_s": record["tokens"] / seconds}
             if log is not None:
                 log.write(record)
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-            if step + 1 == total_steps or cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_checkpoint(out, step + 1, model, optimizer, world, {"scheduler": scheduler.state_dict()},
-                                tokenizer, write_files=lambda path: save_config(cfg, path / "sft.yaml"))
+            preemption.after_step(step, total_steps, cfg.save_every, save, world)
     return export_model(model, out / "model", world, tokenizer)
 
 

@@ -7,7 +7,8 @@ where 1 process uses one. Peak memory is each process's resident-set high-water 
 after imports and a warm-up on a throwaway model) minus its resident set at the reset: the model's
 weights, gradients and AdamW state (sharded 1/N under FSDP), activations, gathered parameters and
 communication buffers, without the Python/torch runtime. glibc's mmap threshold is pinned at 128 KiB
-(as in bench_chunkflow.py) so freed tensors leave the resident set.
+(as in bench_chunkflow.py) so freed tensors leave the resident set. Beside each peak: what `forkflow plan`
+predicts for the step (bytes held by tensors; the resident set adds the allocator's overhead).
 
     .venv/bin/python benchmarks/bench_distributed.py      # prints a table, then one JSON line
 """
@@ -29,6 +30,7 @@ import torch.multiprocessing as mp
 
 from forkflow.chunkflow import assign_ranks, attention_pair_cost, build_chunks, chunked_backward, total_loss_weight
 from forkflow.distributed import DistributedConfig, World, shard_model, shutdown
+from forkflow.distributed.plan import Setting, parameter_counts, peak, plan_phases
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from forkflow.train.state import clip_gradients
 
@@ -84,6 +86,15 @@ def worker(rank: int, world: int, port: int, args, results) -> None:
     shutdown()
 
 
+def predicted_mb(world: int, args) -> float:
+    """`forkflow plan`'s peak for this step (tensor bytes; the measured resident set adds allocator overhead)."""
+    config = Qwen3Config(**MODEL)
+    setting = Setting(kind="sft", world=world, strategy="fsdp", precision="fp32", param_dtype="auto",
+                      chunk_size=args.chunk_size, keep=args.keep, longest=max(lengths(args.sequences, 0)),
+                      attention="blockwise")
+    return peak(plan_phases(config, parameter_counts(config), setting))[0] / 2**20
+
+
 def run(world: int, args) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,17 +118,19 @@ def main() -> None:
     state_mb = one[0]["params"] * 16 / 2**20  # fp32 weights, gradients, exp_avg, exp_avg_sq
     print(f"model: {one[0]['params'] / 1e6:.1f} M parameters, {state_mb:.0f} MB of training state; "
           f"global batch {args.sequences} sequences, C = {args.chunk_size}, K = {args.keep}", file=sys.stderr)
-    print(f"{'ranks':>5} {'rank':>4} {'chunks':>6} {'tokens':>6} {'peak MB':>8} {'step s':>7}", file=sys.stderr)
+    print(f"{'ranks':>5} {'rank':>4} {'chunks':>6} {'tokens':>6} {'peak MB':>8} {'planned MB':>10} {'step s':>7}",
+          file=sys.stderr)
     for world, results in ((1, one), (2, two)):
         for rank, r in enumerate(results):
-            print(f"{world:>5} {rank:>4} {r['chunks']:>6} {r['tokens']:>6} {r['peak_mb']:>8.0f} {r['step_s']:>7.2f}",
-                  file=sys.stderr)
+            print(f"{world:>5} {rank:>4} {r['chunks']:>6} {r['tokens']:>6} {r['peak_mb']:>8.0f} "
+                  f"{predicted_mb(world, args):>10.0f} {r['step_s']:>7.2f}", file=sys.stderr)
     step_two = max(r["step_s"] for r in two)
     result = {
         "benchmark": "distributed_sft_step", "model_params": one[0]["params"], "sequences": args.sequences,
         "chunk_size": args.chunk_size, "keep": args.keep,
         "peak_mb_1_rank": one[0]["peak_mb"], "peak_mb_2_ranks": [r["peak_mb"] for r in two],
         "peak_ratio_2_over_1": max(r["peak_mb"] for r in two) / one[0]["peak_mb"],
+        "planned_mb_1_rank": predicted_mb(1, args), "planned_mb_2_ranks": predicted_mb(2, args),
         "step_s_1_rank": one[0]["step_s"], "step_s_2_ranks": step_two,
         "speedup_2_ranks": one[0]["step_s"] / step_two,
     }

@@ -33,6 +33,8 @@ PLACEHOLDERS = {
     "in.jsonl": "runs/demo/data/heldout.jsonl",  # the demo's own data: {problem, answer, data_source}
     "base.jsonl": "runs/demo/scored_base.jsonl",  # the same responses scored by the base and the RL model
     "rl.jsonl": "runs/demo/scored_rl.jsonl",
+    # the tour's RL run ends at step 100; shrunk (TINY_RL) it ends at step 1
+    "runs/rl-tiny/checkpoints/step-00000100": "runs/rl-tiny/checkpoints/step-00000001",
 }
 # key=value overrides that shrink a training command to a step or two (inserted after its config file)
 TINY_RL = ["steps=1", "prompts_per_step=2", "mini_batch_prompts=2", "rollout.n=2", "rollout.max_new_tokens=16",

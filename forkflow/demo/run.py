@@ -28,13 +28,14 @@ from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained
 from forkflow.rewards import RewardValues, VerifierPool, verify_countdown
 from forkflow.rollout import SamplingParams, generate
 from forkflow.rollout.cli import rounded, token_texts
-from forkflow.run_dir import RunDirError, prepare_run_dir
+from forkflow.run_dir import prepare_run_dir
 from forkflow.train.evaluate import EvalConfig, evaluate_prompts
 from forkflow.train.experiment import accuracy_keys, evaluate_start, plot_curves, read_metrics
 from forkflow.train.rl import RLConfig, RLTrainer
 from forkflow.train.rl_data import load_rl_prompts
 from forkflow.train.sft import SFTConfig
 from forkflow.train.sft import train as train_sft
+from forkflow.train.state import STOPS, exit_code
 
 
 @dataclass
@@ -197,7 +198,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         run(Path(args.out), seed=args.seed)
-    except RunDirError as e:
+    except STOPS as e:  # a RunDirError is a ConfigError
         print(f"forkflow demo: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     return 0

@@ -19,6 +19,7 @@ import importlib
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import time
 import traceback
@@ -50,7 +51,11 @@ def _worker_main(conn: Connection, preload: tuple[str, ...]) -> None:
 
     Replies per call: ("ok", value) or ("error", one-line summary); before the first call of a function from
     a module not seen yet, ("started", None), so that importing it does not count against the timeout.
+    The preemption signals are the trainer's to act on (SLURM may send them to every process of the job):
+    a worker ignores them and is stopped by its pool.
     """
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
     try:
         for module in preload:
             importlib.import_module(module)

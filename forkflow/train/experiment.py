@@ -24,11 +24,10 @@ import torch
 
 from forkflow.chat import load_tokenizer
 from forkflow.config import ConfigError, load_config
-from forkflow.jsonl import InputError
-from forkflow.models.checkpoint import CheckpointError, from_pretrained
+from forkflow.models.checkpoint import from_pretrained
 from forkflow.rewards import VerifierPool
 from forkflow.train.rl import RLConfig, RLTrainer, evaluate_run
-from forkflow.train.state import METRICS
+from forkflow.train.state import METRICS, STOPS, exit_code
 
 # arm -> (label, selection overrides)
 ARMS = {
@@ -178,9 +177,9 @@ def main(argv: list[str]) -> int:
     began = time.perf_counter()
     try:
         summary = run_eighty_twenty(args.config, args.overrides, Path(args.out), args.seeds, args.arms)
-    except (ConfigError, InputError, CheckpointError, FileNotFoundError) as e:
+    except STOPS as e:
         print(f"forkflow experiment: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     print(summary_table(summary))
     print(f"\n{(time.perf_counter() - began) / 60:.1f} min; plot {Path(args.out) / 'eighty_twenty.png'}",
           file=sys.stderr)

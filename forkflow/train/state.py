@@ -31,7 +31,10 @@ from forkflow.config import (
     validate,
 )
 from forkflow.distributed import World, gather_objects, init_world, latest_checkpoint
+from forkflow.jsonl import InputError
+from forkflow.models.checkpoint import CheckpointError
 from forkflow.run_dir import prepare_run_dir
+from forkflow.train.preemption import Preempted
 
 METRICS = "metrics.jsonl"
 
@@ -123,6 +126,10 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what to change. Checkpoints already written are intact."""
+
+
+# what ends a training command without a traceback (`exit_code` maps each to the command's exit code)
+STOPS = (Preempted, ConfigError, InputError, CheckpointError, FileNotFoundError, TrainingError, OSError)
 
 
 class UpdateGuard:
@@ -280,6 +287,12 @@ class MetricsLog:
         self.close()
 
 
+def exit_code(error: BaseException) -> int:
+    """The exit code of a training command stopped by `error` (one of STOPS): 0 preempted (a checkpoint was
+    written), 2 bad input, 1 a run that could not go on."""
+    return 0 if isinstance(error, Preempted) else 1 if isinstance(error, (TrainingError, OSError)) else 2
+
+
 def run_training_command(prog: str, description: str, config_cls, train, example: str, argv: list[str]) -> int:
     """`prog CONFIG.yaml [key=value ...]` for a training loop: parse, run `train(config)` (which joins
     torchrun's process group when launched by it), and turn errors a person must fix into one line on stderr:
@@ -289,9 +302,6 @@ def run_training_command(prog: str, description: str, config_cls, train, example
 
     from forkflow.config import load_config
     from forkflow.distributed import shutdown
-    from forkflow.jsonl import InputError
-    from forkflow.models.checkpoint import CheckpointError
-    from forkflow.train.preemption import Preempted
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help=f"YAML config, e.g. {example}")
@@ -300,12 +310,8 @@ def run_training_command(prog: str, description: str, config_cls, train, example
     code, every_rank = 0, False
     try:
         message = f"finished; model {train(load_config(config_cls, args.config, args.overrides))}"
-    except Preempted as e:
-        message = str(e)
-    except (ConfigError, InputError, CheckpointError, FileNotFoundError) as e:
-        message, code, every_rank = str(e), 2, True
-    except (TrainingError, OSError) as e:
-        message, code, every_rank = str(e), 1, True
+    except STOPS as e:
+        message, code, every_rank = str(e), exit_code(e), not isinstance(e, Preempted)
     if every_rank or not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{prog}: {message}", file=sys.stderr)
     shutdown()

@@ -133,3 +133,11 @@ def test_wandb_logs_offline_under_the_run_directory_and_a_resume_starts_after_th
     assert history == [(1, {"loss": 0.5}), (2, {"loss": 1.0}), (3, {"loss": 1.5})]  # NaN and text left out
     run, history = offline_run(resumed)
     assert run.project == "forkflow" and history == [(2, {"loss": 20.0, "acc": 0.5})]
+
+
+def test_a_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')  # killed mid-write
+    with MetricsLog(tmp_path, 1) as log:
+        log.write({"step": 2, "loss": 2.0})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]

@@ -341,3 +341,15 @@ def measured_table() -> str:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(measured_table())
+
+
+@pytest.mark.parametrize("name", ["8b_top20", "8b_all", "14b_top20", "14b_all"])
+def test_the_paper_configs_say_what_the_planner_finds(name, capsys):
+    """Each shipped DAPO config's header: training fits 8 x 80 GiB at its chunk size; the rollout does not."""
+    path = ROOT / "configs" / f"dapo_qwen3_{name}.yaml"
+    assert "the built-in torch rollout does NOT fit" in path.read_text()
+    arch = "qwen3-" + name.split("_")[0]
+    assert cli_main(["plan", str(path), "--arch", arch, "--gpus", "8", "--gpu-memory", "80GiB", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["totals"]["training"] <= 80 * 2**30 < record["totals"]["rollout"]
+    assert not record["fits"] and record["min_gpus"] is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,9 +253,13 @@ class MetricsLog:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / METRICS
-        if self.path.is_file():
-            lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+        if self.path.is_file():  # rewritten under another name and renamed: a kill now loses no line
+            lines = self.path.read_text().splitlines()
+            if lines and not lines[-1].endswith("}"):
+                lines.pop()  # a line torn by a kill mid-write (that step is logged again)
+            tmp = self.path.with_name(f".{METRICS}.tmp")
+            tmp.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+            os.replace(tmp, self.path)
         self.trackers = []
         try:
             if tensorboard:

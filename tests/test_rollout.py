@@ -203,6 +203,33 @@ def test_seed_reproduces_and_backend_matches_engine(tiny_checkpoint):
     assert run(0) == run(0) != run(1)
 
 
+def test_a_prompts_samples_do_not_depend_on_the_batch_it_is_drawn_in(tiny_checkpoint):
+    """Counter-based sampling keyed by (seed, prompt key, sample, position): a prompt drawn alone, in another
+    order or beside other prompts gets the same samples (what makes N ranks equal one process)."""
+    model = from_pretrained(tiny_checkpoint()[0])
+    params = SamplingParams(n=3, max_new_tokens=10, seed=5)
+    together = generate(model, PROMPTS, params, prompt_keys=[10, 11, 12, 13])
+    alone = generate(model, [PROMPTS[2]], params, prompt_keys=[12])
+    reordered = generate(model, PROMPTS[::-1], params, prompt_keys=[13, 12, 11, 10])
+    tokens = [[s.token_ids.tolist() for s in row] for row in together]
+    assert [s.token_ids.tolist() for s in alone[0]] == tokens[2]
+    assert [[s.token_ids.tolist() for s in row] for row in reordered] == tokens[::-1]
+    assert tokens[0][0] != tokens[0][1]  # the samples of one prompt differ
+
+
+def test_an_empty_backend_samples_from_the_weights_it_is_given_and_frees_them(tiny_checkpoint):
+    model = from_pretrained(tiny_checkpoint()[0])
+    backend = TorchBackend.empty(model.config, torch.device("cpu"))
+    backend.load_weights((name, p.detach().clone()) for name, p in model.named_parameters())
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=0)
+    assert [[s.token_ids.tolist() for s in row] for row in backend.generate(PROMPTS, params)] == [
+        [s.token_ids.tolist() for s in row] for row in generate(model, PROMPTS, params)]
+    backend.release()
+    assert all(p.is_meta for p in backend.model.parameters())
+    TorchBackend(model).release()  # a backend over the trainer's own model never frees it
+    assert not any(p.is_meta for p in model.parameters())
+
+
 def test_static_cache_with_row_selection_equals_full_forward(tiny_checkpoint):
     path, _ = tiny_checkpoint(moe=True)
     model = from_pretrained(path)

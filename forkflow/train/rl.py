@@ -156,7 +156,8 @@ class SelectionConfig:
     mode: Literal["all", "top", "bottom", "random"] = "top"  # top: forking tokens; bottom: the other 1-ρ
     ratio: Probability = 0.2  # ρ
     # ranking pool: micro-batch (chunkflow.micro_batch_size sequences: with padded batching, each forward's
-    # micro-batch, as the official code) | mini-batch | the mini-batch over all ranks
+    # micro-batch, as the official code) | mini-batch (under torchrun: this rank's part of it) | the mini-batch
+    # over all ranks, ranked in one process's order (the same selection on any number of ranks)
     scope: Literal["micro", "mini", "global"] = "global"
     denominator: Literal["selected", "all"] = "selected"  # token-mean over selected tokens, or all (TRL)
 

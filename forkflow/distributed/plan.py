@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from forkflow.config import ConfigError, load_config
-from forkflow.models.checkpoint import CheckpointError, config_from_dict, read_config
+from forkflow.models.checkpoint import CheckpointError, read_config, read_config_file
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from forkflow.ops import DEFAULT_CHUNK_SIZE
 
@@ -539,11 +539,7 @@ def resolve_architecture(model_path: str, arch: str | None, model_config: str | 
             return read_config(path), str(path / "config.json")
         if not path.is_file():
             raise ConfigError(f"--model-config {model_config}: no such file")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return config_from_dict(raw, source=str(path)), str(path)
+        return read_config_file(path), str(path)
     if model_path and Path(model_path).is_dir():
         return read_config(model_path), f"{model_path}/config.json"
     where = f"model.path {model_path!r} does not exist here" if model_path else "model.path is not set"

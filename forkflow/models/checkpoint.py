@@ -39,8 +39,13 @@ def read_config(path: str | os.PathLike) -> Qwen3Config:
     file = path / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; a Hugging Face checkpoint directory needs its config.json")
+    return read_config_file(file)
+
+
+def read_config_file(file: str | os.PathLike) -> Qwen3Config:
+    """A Hugging Face config.json (anywhere) -> Qwen3Config."""
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(Path(file).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     return config_from_dict(raw, source=str(file))

@@ -2,7 +2,6 @@
 rollouts, and `torch.distributed.checkpoint` checkpoints that load on any world size (DESIGN §5)."""
 
 from forkflow.distributed.checkpoint import (
-    checkpoint_dir,
     export_checkpoint,
     export_model,
     latest_checkpoint,
@@ -30,7 +29,6 @@ __all__ = [
     "DistributedConfig",
     "World",
     "barrier",
-    "checkpoint_dir",
     "export_checkpoint",
     "export_model",
     "full_parameters",

@@ -19,13 +19,13 @@ from forkflow.rl import select_tokens
 from forkflow.train.rl import Response, RLConfig, RLTrainer
 
 
-def write_rl_setup(root, moe: bool = False):
+def write_rl_setup(root, moe: bool = False, head_dim: int = 8):
     """root/init: a tiny random Qwen3 (tied embeddings; MoE: 4 experts, top-2) with the demo's character
-    tokenizer; root/train.jsonl: 40 countdown problems."""
+    tokenizer; root/train.jsonl: 40 countdown problems. (vLLM's CPU attention needs head_dim >= 32.)"""
     tokenizer_dir = build_char_tokenizer(root / "init")
     experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True) if moe else {}
     cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=256, rope_theta=1e4,
+                      num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256, rope_theta=1e4,
                       tie_word_embeddings=True, **experts)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(cfg)

@@ -26,7 +26,7 @@ from forkflow.entropy import read_scored, score_responses, write_comparison, wri
 from forkflow.jsonl import write_jsonl
 from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained
 from forkflow.rewards import RewardValues, VerifierPool, verify_countdown
-from forkflow.rollout import SamplingParams, generate
+from forkflow.rollout import SamplingParams, TorchBackend, generate
 from forkflow.rollout.cli import rounded, token_texts
 from forkflow.run_dir import prepare_run_dir
 from forkflow.train.evaluate import EvalConfig, evaluate_prompts
@@ -141,8 +141,9 @@ def run(out: Path, size: DemoSize | None = None, seed: int = 0) -> dict:
     models = {"base": from_pretrained(base).eval(), "rl": from_pretrained(rl_ckpt).eval()}
     ev = EvalConfig(k=size.eval_k, temperature=1.0)
     with VerifierPool(num_workers=2, timeout_s=5.0) as pool:
-        results = {name: evaluate_prompts(m, tokenizer, heldout, ev, pool, verify_countdown, RewardValues(),
-                                          size.max_new_tokens, seed=seed + 1) for name, m in models.items()}
+        results = {name: evaluate_prompts(TorchBackend(m), tokenizer, heldout, ev, pool, verify_countdown,
+                                          RewardValues(), size.max_new_tokens, seed=seed + 1)
+                   for name, m in models.items()}
 
     say("[5/6] entropy report and base-vs-RL comparison ...")
     prompts = [p.prompt_ids for p in heldout]

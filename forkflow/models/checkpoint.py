@@ -11,6 +11,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -186,15 +187,19 @@ def from_hf_names(state: dict[str, torch.Tensor], cfg: Qwen3Config) -> dict[str,
 
 
 def to_hf_names(state: dict[str, torch.Tensor], cfg: Qwen3Config) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, t in state.items():
+    return dict(hf_tensors(state.items(), cfg))
+
+
+def hf_tensors(named: Iterable[tuple[str, torch.Tensor]], cfg: Qwen3Config) -> Iterator[tuple[str, torch.Tensor]]:
+    """(forkflow name, tensor) -> (Hugging Face name, tensor), lazily: stacked experts one per expert, a tied
+    LM head left out."""
+    for key, t in named:
         prefix, _, proj = key.rpartition(".")
         if prefix.endswith("mlp.experts"):
             for e in range(t.shape[0]):
-                out[f"{prefix}.{e}.{proj}.weight"] = t[e]
+                yield f"{prefix}.{e}.{proj}.weight", t[e]
         elif not (cfg.tie_word_embeddings and key == "lm_head.weight"):
-            out[key] = t
-    return out
+            yield key, t
 
 
 # --------------------------------------------------------------------------------------------- public

@@ -140,6 +140,7 @@ def ppo_policy_loss(
     kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    tis_weights: torch.Tensor | None = None,
 ) -> PolicyLoss:
     """Σ_t w_t ℓ_t of the per-token PPO loss with DAPO's clip-higher and dual clip, over a piece of any shape.
 
@@ -152,6 +153,9 @@ def ppo_policy_loss(
                                                              on negative advantages only, as in verl
         ℓ      = ℓ_pg + β · KL_t(π‖π_ref) − α · H_t          β = kl_coef (k1 or k3), α = entropy_coef
 
+    With `tis_weights` (truncated importance sampling, Yao et al. 2025 as verl's TIS: per token
+    min(π_old(o_t) / π_rollout(o_t), C), no gradient) ℓ_pg is multiplied by them: the correction for
+    sampling with a rollout engine whose probabilities differ from the trainer's (vLLM kernels, bf16).
     The KL and entropy terms (both off by default, as in DAPO) use the same weights as the policy term.
     `entropy` is the per-token entropy with its graph, needed only when entropy_coef ≠ 0. Positions with
     w = 0 (padding) must still hold finite values (0 will do): a NaN there would reach the gradient.
@@ -161,6 +165,8 @@ def ppo_policy_loss(
         pieces["ref_logprobs"] = ref_logprobs
     if entropy is not None:
         pieces["entropy"] = entropy
+    if tis_weights is not None:
+        pieces["tis_weights"] = tis_weights
     for name, tensor in pieces.items():
         if tensor.shape != logprobs.shape:
             raise ValueError(
@@ -198,6 +204,8 @@ def ppo_policy_loss(
         dual_loss = -advantages * clip_dual
         dual_clipped = (advantages < 0) & (token_loss > dual_loss)
         token_loss = torch.where(dual_clipped, dual_loss, token_loss)
+    if tis_weights is not None:
+        token_loss = token_loss * tis_weights.to(dtype)
 
     ref_kl = torch.zeros_like(token_loss)
     if ref_logprobs is not None:

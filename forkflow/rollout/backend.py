@@ -1,5 +1,5 @@
-"""The interface the trainer and `forkflow generate` use to sample, so that a vLLM backend can replace the
-plain-PyTorch one on GPUs without changing either of them."""
+"""The interface the trainer and evaluation sample through: the plain-PyTorch backend here, vLLM's in
+`forkflow.rollout.vllm_backend` (`rollout.backend: vllm`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class RolloutBackend(Protocol):
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Take the policy's current weights, (forkflow parameter name, full tensor) pairs, before a rollout."""
+        """Take the policy's current weights, (forkflow parameter name, full tensor) pairs, before a rollout
+        (cast to the backend's own dtype)."""
         ...
 
     def release(self) -> None:
@@ -39,17 +40,18 @@ class TorchBackend:
     """Generation with forkflow's own Qwen3 and KV cache (`engine.generate`); runs anywhere torch runs.
 
     `TorchBackend(model)` samples from `model` itself (one process, or a replica per rank);
-    `TorchBackend.empty(config, device)` holds no weights until `load_weights` (a sharded trainer gathers
-    them once per step, verl's hybrid engine) and frees them again on `release`."""
+    `TorchBackend.empty(config, device, dtype)` holds no weights until `load_weights` (a sharded trainer
+    gathers them once per step, verl's hybrid engine; a bf16 rollout casts the fp32 trainer's) and frees them
+    again on `release`."""
 
     def __init__(self, model: Qwen3ForCausalLM, owns_weights: bool = False):
         self.model, self.owns_weights = model, owns_weights
         self.device = model.lm_head.weight.device
 
     @classmethod
-    def empty(cls, config: Qwen3Config, device: torch.device) -> TorchBackend:
+    def empty(cls, config: Qwen3Config, device: torch.device, dtype: torch.dtype = torch.float32) -> TorchBackend:
         with torch.device("meta"):
-            backend = cls(Qwen3ForCausalLM(config).eval(), owns_weights=True)
+            backend = cls(Qwen3ForCausalLM(config).to(dtype).eval(), owns_weights=True)
         backend.device = device
         return backend
 

@@ -33,14 +33,15 @@ class Sample:
                      for the tokens of the forced thinking-budget suffix (`forced_span`).
     entropies        H(softmax(z / T)) with T = params.temperature (1 when greedy): the rollout-temperature
                      entropy the forking-token paper ranks tokens by.
+    A backend that does not compute `logprobs` or `entropies` (vLLM) leaves them None.
     """
 
     prompt_index: int
     sample_index: int
     token_ids: torch.Tensor  # [L] long, the stop token included when finish_reason == "stop"
-    logprobs: torch.Tensor  # [L] fp32
+    logprobs: torch.Tensor | None  # [L] fp32
     sample_logprobs: torch.Tensor  # [L] fp32
-    entropies: torch.Tensor  # [L] fp32
+    entropies: torch.Tensor | None  # [L] fp32
     finish_reason: str  # "stop": a stop token was generated; "length": a token budget or the context ran out
     forced_span: tuple[int, int] | None = None  # [start, end) of token_ids forced by the thinking budget
 

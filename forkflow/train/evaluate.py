@@ -22,7 +22,7 @@ from forkflow.distributed import World, gather_objects, shard_bounds
 from forkflow.jsonl import InputError
 from forkflow.models.checkpoint import CheckpointError, from_pretrained
 from forkflow.rewards import RewardValues, VerifierPool, resolve_verifier, score_responses
-from forkflow.rollout import SamplingParams, generate
+from forkflow.rollout import RolloutBackend, SamplingParams, TorchBackend
 from forkflow.train.rl_data import BOXED_TEMPLATE, load_rl_prompts
 
 
@@ -36,11 +36,13 @@ class EvalConfig:
     batch_prompts: Count = 64  # prompts generated together
 
 
-def evaluate_prompts(model, tokenizer, prompts, cfg: EvalConfig, pool, verifier, values: RewardValues,
-                     max_new_tokens: int, seed: int = 0, progress: bool = False, world: World | None = None) -> dict:
-    """{'avg@k', 'pass@k', 'response_len', 'correct' (per prompt, per sample)} for a list of RLPrompt. With a
-    `world` of several ranks each generates a contiguous share of the prompts (whole, unsharded `model`) and
-    every rank gets the results of all; a prompt's samples are the same whichever rank draws them."""
+def evaluate_prompts(backend: RolloutBackend, tokenizer, prompts, cfg: EvalConfig, pool, verifier,
+                     values: RewardValues, max_new_tokens: int, seed: int = 0, progress: bool = False,
+                     world: World | None = None) -> dict:
+    """{'avg@k', 'pass@k', 'response_len', 'correct' (per prompt, per sample)} for a list of RLPrompt, sampled
+    by `backend` (the policy's weights loaded). With a `world` of several ranks each generates a contiguous
+    share of the prompts and every rank gets the results of all; a prompt's samples are the same whichever
+    rank draws them."""
     k = 1 if cfg.temperature == 0 else cfg.k
     params = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=seed, stop_token_ids=tuple(stop_token_ids(tokenizer)))
@@ -48,7 +50,7 @@ def evaluate_prompts(model, tokenizer, prompts, cfg: EvalConfig, pool, verifier,
     correct, lengths = [], []
     for start in tqdm(range(first, last, cfg.batch_prompts), desc="eval", disable=not progress, leave=False):
         part = prompts[start : min(start + cfg.batch_prompts, last)]
-        samples = generate(model, [p.prompt_ids for p in part], params, prompt_keys=range(start, start + len(part)))
+        samples = backend.generate([p.prompt_ids for p in part], params, prompt_keys=range(start, start + len(part)))
         texts = [tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True) for group in samples for s in group]
         truths = [p.ground_truth for p in part for _ in range(k)]
         scored = score_responses(pool, verifier, texts, truths, values)
@@ -66,14 +68,15 @@ def evaluate_prompts(model, tokenizer, prompts, cfg: EvalConfig, pool, verifier,
     }
 
 
-def evaluate_files(model, tokenizer, cfg: EvalConfig, pool, verifier, values, *, chat, enable_thinking, template,
-                   max_prompt_tokens, max_new_tokens, seed, world: World | None = None) -> dict:
+def evaluate_files(backend: RolloutBackend, tokenizer, cfg: EvalConfig, pool, verifier, values, *, chat,
+                   enable_thinking, template, max_prompt_tokens, max_new_tokens, seed, world: World | None = None
+                   ) -> dict:
     """Flat metrics `eval/<file stem>/avg@k` and `.../pass@k` for every eval file."""
     out = {}
     for path in cfg.files:
         prompts = load_rl_prompts(path, tokenizer, chat=chat, enable_thinking=enable_thinking, template=template,
                                   max_prompt_tokens=max_prompt_tokens)
-        result = evaluate_prompts(model, tokenizer, prompts, cfg, pool, verifier, values, max_new_tokens, seed,
+        result = evaluate_prompts(backend, tokenizer, prompts, cfg, pool, verifier, values, max_new_tokens, seed,
                                   world=world)
         for key, value in result.items():
             if key != "correct":
@@ -101,7 +104,8 @@ def main(argv: list[str]) -> int:
         model = from_pretrained(args.model, dtype=torch.float32).eval()
         cfg = EvalConfig(files=args.data, k=args.k, temperature=args.temperature, top_p=args.top_p)
         with VerifierPool(num_workers=2) as pool:
-            metrics = evaluate_files(model, tokenizer, cfg, pool, resolve_verifier(args.verifier), RewardValues(),
+            metrics = evaluate_files(TorchBackend(model), tokenizer, cfg, pool, resolve_verifier(args.verifier),
+                                     RewardValues(),
                                      chat=not args.no_chat, enable_thinking=not args.disable_thinking,
                                      template=args.template if args.no_chat else None, max_prompt_tokens=1 << 20,
                                      max_new_tokens=args.max_new_tokens, seed=args.seed)

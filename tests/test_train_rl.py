@@ -244,3 +244,31 @@ def test_bad_rows_name_file_and_line(setup, tmp_path):
         f.write(json.dumps({"problem": "2+2?"}) + "\n")
     with pytest.raises(InputError, match=r"bad.jsonl line 41: field 'answer' is missing"):
         RLTrainer(tiny_config(setup, tmp_path / "run", **{"data.train": bad}))
+
+
+def test_tis_weights_and_the_rollout_gap_follow_their_formulas(setup, tmp_path):
+    """ρ_t = min(exp(log π_old − log π_rollout), C), 1 on tokens the rollout did not draw (NaN: a forced
+    thinking-budget suffix); the gap metric is |log π_old − log π_rollout| over the drawn tokens."""
+    trainer = RLTrainer(tiny_config(setup, tmp_path / "run", **{"algo.tis_cap": 2.0}))
+    batch = random_batch(size=2)
+    batch[0].sampler_logprobs = torch.tensor([-1.0, -3.0, float("nan")] + [-1.0] * (len(batch[0].token_ids) - 3))
+    batch[1].sampler_logprobs = torch.full((len(batch[1].token_ids),), -0.5)
+    old = [torch.full((len(r.token_ids),), -1.5) for r in batch]
+    rho = trainer.tis_weights(batch, old)
+    assert rho[0][:3].tolist() == pytest.approx([math.exp(-0.5), 2.0, 1.0])  # exp(1.5) capped at C = 2
+    assert rho[1].tolist() == pytest.approx([math.exp(-1.0)] * len(batch[1].token_ids))
+    gaps = [0.5, 1.5] + [0.5] * (len(batch[0].token_ids) - 3) + [1.0] * len(batch[1].token_ids)
+    metrics = trainer.off_policy_metrics(batch, old)
+    assert metrics["rollout/logprob_diff_mean"] == pytest.approx(sum(gaps) / len(gaps))
+    assert metrics["rollout/logprob_diff_max"] == 1.5
+
+
+def test_bf16_rollouts_sample_from_a_cast_copy_and_log_the_gap(setup, tmp_path):
+    """rollout.dtype=bf16: the torch backend holds its own bf16 weights, loaded from the fp32 trainer each step;
+    the trainer recomputes π_old in fp32, and the rollout-vs-trainer gap is bf16 rounding: above 0, small."""
+    trainer = RLTrainer(tiny_config(setup, tmp_path / "run", steps=1, **{"rollout.dtype": "bf16"}))
+    assert trainer.syncs_weights and not trainer.reuses_rollout_statistics
+    trainer.train()
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < record["rollout/logprob_diff_mean"] < 0.05 and record["rollout/logprob_diff_max"] < 0.5, record
+    assert next(trainer.backend.model.parameters()).is_meta  # released after the rollout

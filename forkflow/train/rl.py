@@ -309,7 +309,11 @@ class RLTrainer:
     def rollout_backend(self) -> RolloutBackend:
         r, config = self.cfg.rollout, self.model.config
         if r.backend == "vllm":
-            return VLLMBackend(self.cfg.model.path, config, r.dtype, r.vllm_kv_cache_gb, self.cfg.seed, r.vllm_compile)
+            try:
+                return VLLMBackend(self.cfg.model.path, config, r.dtype, r.vllm_kv_cache_gb, self.cfg.seed,
+                                   r.vllm_compile)
+            except ImportError as e:
+                raise ConfigError(str(e), ("rollout.backend",)) from e
         if self.sharded or r.dtype != "fp32":
             return TorchBackend.empty(config, self.device, torch.bfloat16 if r.dtype == "bf16" else torch.float32)
         return TorchBackend(self.model)

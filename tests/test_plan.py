@@ -46,6 +46,7 @@ from forkflow.distributed.plan import (
     training_activation_bytes,
     training_state_bytes,
     verdict,
+    vllm_rollout_bytes,
 )
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from tests.test_sft import ROOT
@@ -122,11 +123,33 @@ def test_activation_formulas_by_hand():
 
 
 def test_rollout_formulas_by_hand():
-    # 3 prompts x n 4 = 12 rows of 10 + 30 tokens: 2 · layers 2 · kv 1 · dim 4 · 4 B per token
-    assert rollout_kv_cache_bytes(TINY, 12, 40) == 2 * 2 * 1 * 4 * 12 * 40 * 4
+    # 3 prompts x n 4 = 12 rows of 10 + 30 tokens: 2 · layers 2 · kv 1 · dim 4 · 4 B per token (2 B in bf16)
+    assert rollout_kv_cache_bytes(TINY, 12, 40, 4) == 2 * 2 * 1 * 4 * 12 * 40 * 4
+    assert rollout_kv_cache_bytes(TINY, 12, 40, 2) == 2 * 2 * 1 * 4 * 12 * 40 * 2
     assert rollout_decode_bytes(TINY, 12, 30) == 12 * 101 * 16 + 12 * 30 * 20
-    decode = rollout_bytes(TINY, 3, 4, 10, 30, "fused")
-    assert decode == {"kv_cache": rollout_kv_cache_bytes(TINY, 12, 40), "working": rollout_decode_bytes(TINY, 12, 30)}
+    decode = rollout_bytes(TINY, 3, 4, 10, 30, "fused", 4)
+    assert decode == {"kv_cache": rollout_kv_cache_bytes(TINY, 12, 40, 4),
+                      "working": rollout_decode_bytes(TINY, 12, 30)}
+    # vLLM: the reserved cache whatever the rows, one step's logits of at most 256 rows
+    assert vllm_rollout_bytes(TINY, 12, 10**9) == {"kv_cache": 10**9, "working": 12 * 101 * 16}
+    assert vllm_rollout_bytes(TINY, 4096, 10**9)["working"] == 256 * 101 * 16
+
+
+@pytest.mark.parametrize("dtype,backend,weights", [("fp32", "torch", 0), ("bf16", "torch", 2), ("fp32", "vllm", 4),
+                                                   ("bf16", "vllm", 2)])
+def test_the_rollout_phase_holds_the_weights_the_backend_samples_from(dtype, backend, weights):
+    """One process, unsharded: the fp32 torch rollout samples from the policy itself; a bf16 one from a cast
+    copy, vLLM from its own copy in its dtype."""
+    counts = parameter_counts(TINY)
+    s = Setting(kind="rl", world=1, strategy="fsdp", precision="fp32", param_dtype="auto", chunk_size=16, keep=1,
+                longest=40, prompts_per_step=3, n=4, prompt_tokens=10, new_tokens=30, rollout_backend=backend,
+                rollout_dtype_bytes=2 if dtype == "bf16" else 4, vllm_kv_cache=10**6)
+    rollout = plan_phases(TINY, counts, s)["rollout"]
+    assert rollout["rollout_weights"] == weights * counts.total
+    if backend == "vllm":
+        assert rollout["rollout_kv_cache"] == 10**6
+    else:
+        assert rollout["rollout_kv_cache"] == rollout_kv_cache_bytes(TINY, 12, 40, 2 if dtype == "bf16" else 4)
 
 
 def test_compute_mode_follows_the_distributed_config():
@@ -345,11 +368,17 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("name", ["8b_top20", "8b_all", "14b_top20", "14b_all"])
 def test_the_paper_configs_say_what_the_planner_finds(name, capsys):
-    """Each shipped DAPO config's header: training fits 8 x 80 GiB at its chunk size; the rollout does not."""
+    """Each shipped DAPO config's header: it fits 8 x 80 GiB (the rollout on vLLM in bf16); with the built-in
+    torch rollout it fits no number of 80 GiB GPUs."""
     path = ROOT / "configs" / f"dapo_qwen3_{name}.yaml"
-    assert "the built-in torch rollout does NOT fit" in path.read_text()
+    header = path.read_text()
+    assert "it fits 8 x 80 GiB" in header and "built-in torch rollout does NOT fit" in header
     arch = "qwen3-" + name.split("_")[0]
-    assert cli_main(["plan", str(path), "--arch", arch, "--gpus", "8", "--gpu-memory", "80GiB", "--json"]) == 0
+    argv = ["plan", str(path), "--arch", arch, "--gpus", "8", "--gpu-memory", "80GiB", "--json"]
+    assert cli_main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["fits"] and max(record["totals"].values()) <= 80 * 2**30
+    assert cli_main([*argv, "rollout.backend=torch"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["totals"]["training"] <= 80 * 2**30 < record["totals"]["rollout"]
     assert not record["fits"] and record["min_gpus"] is None

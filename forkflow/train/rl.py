@@ -670,19 +670,23 @@ class RLTrainer:
                          config=cfg) if main else contextlib.nullcontext()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="rl", dynamic_ncols=True,
                    disable=not (cfg.progress and main))
-        with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool, bar, log, Preemption() as preemption:
-            while self.step < cfg.steps:
-                record = {"step": self.step + 1, **self.train_step(pool)}
-                self.step += 1
-                if cfg.eval.files and cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
-                    record.update(self.evaluate(pool))
-                if main:
-                    log.write(record)
-                bar.update()
-                bar.set_postfix(reward=f"{record['reward/mean']:.3f}", acc=f"{record['acc/mean']:.3f}",
-                                kept=f"{record['select/kept_frac']:.2f}")
-                preemption.after_step(self.step, cfg.steps, cfg.save_every, self.save, self.world)
-        return export_model(self.model, self.out / "model", self.world, self.tokenizer)
+        try:
+            with VerifierPool(cfg.reward.workers, cfg.reward.timeout_s) as pool, bar, log, Preemption() as preemption:
+                while self.step < cfg.steps:
+                    record = {"step": self.step + 1, **self.train_step(pool)}
+                    self.step += 1
+                    every = cfg.eval.every
+                    if cfg.eval.files and every and (self.step % every == 0 or self.step == cfg.steps):
+                        record.update(self.evaluate(pool))
+                    if main:
+                        log.write(record)
+                    bar.update()
+                    bar.set_postfix(reward=f"{record['reward/mean']:.3f}", acc=f"{record['acc/mean']:.3f}",
+                                    kept=f"{record['select/kept_frac']:.2f}")
+                    preemption.after_step(self.step, cfg.steps, cfg.save_every, self.save, self.world)
+            return export_model(self.model, self.out / "model", self.world, self.tokenizer)
+        finally:  # the engine ends before the process group (and on a preemption too)
+            self.backend.close()
 
     def evaluate(self, pool: VerifierPool) -> dict:
         """The eval files' metrics of the current policy, its prompts shared out over the ranks."""

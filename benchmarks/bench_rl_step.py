@@ -1,7 +1,8 @@
 """Seconds per RL optimizer step, forkflow's RLTrainer against TRL's GRPOTrainer, on CPU in one run.
 
-The same random Qwen3 (hidden 256, 4 layers, 4 query / 2 key-value heads, Qwen3's vocabulary size) and the
-same two prompts (32 and 64 tokens) on both sides; each step samples 8 responses per prompt at temperature 1
+The same random Qwen3 (`--shape tiny`: hidden 256, 4 layers, 4 query / 2 key-value heads; `--shape 0.6b`:
+Qwen3-0.6B's shape, hidden 1024, 28 layers, 16 / 8 heads of 128; Qwen3's vocabulary size) and the same two
+prompts (32 and 64 tokens) on both sides; each step samples 8 responses per prompt at temperature 1
 (no top-k / top-p) and trains on them once: token-level PPO loss with clip-higher (0.2 / 0.28), no KL, GRPO
 advantages (group mean and std), the policy gradient restricted to the top 20 % of response tokens by
 entropy (forkflow `select.mode=top`, TRL `top_entropy_quantile=0.2`), both normalised by the number of
@@ -12,6 +13,7 @@ reward is a deterministic hash parity of the response text, so groups have mixed
 
     .venv/bin/pip install -e '.[bench]'        # TRL, pinned; not a dependency of forkflow itself
     .venv/bin/python benchmarks/bench_rl_step.py
+    .venv/bin/python benchmarks/bench_rl_step.py --shape 0.6b --warmup 1 --steps 1   # minutes per step on 2 cores
 
 A step is timed from the sampling of the rollouts to the end of the optimizer step: forkflow's
 `RLTrainer.train_step`, TRL's `on_step_begin` .. `on_step_end` callbacks (metrics files, logging and
@@ -42,7 +44,11 @@ def trl_reward_parity(completions: list[str], **kwargs) -> list[float]:
     return [float(reward_parity(c, "")) for c in completions]
 
 
-def write_model_and_data(root: Path, vocab: int, prompt_tokens: list[int]) -> tuple[Path, Path]:
+# (hidden, intermediate, layers, query heads, key-value heads, head_dim)
+SHAPES = {"tiny": (256, 768, 4, 4, 2, 64), "0.6b": (1024, 3072, 28, 16, 8, 128)}
+
+
+def write_model_and_data(root: Path, vocab: int, shape: str, prompt_tokens: list[int]) -> tuple[Path, Path]:
     """A random Qwen3 with a word-level tokenizer (`<pad>`, t1 .. t{vocab-1}, then the stop tokens outside
     the model's vocabulary) in root/model, and root/train.jsonl with one prompt per entry of `prompt_tokens`."""
     import transformers
@@ -54,9 +60,11 @@ def write_model_and_data(root: Path, vocab: int, prompt_tokens: list[int]) -> tu
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<pad>"
     )
+    hidden, intermediate, layers, heads, kv_heads, head_dim = SHAPES[shape]
     config = transformers.Qwen3Config(
-        vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, rope_theta=1e6,
+        max_position_embeddings=4096, tie_word_embeddings=True,
         eos_token_id=None, bos_token_id=None, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -181,6 +189,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, args, after_step=None) -> Ti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=151936, help="model vocabulary (Qwen3's by default)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="the model's shape (see above)")
     parser.add_argument("--prompt-tokens", default="32,64", help="token length of each prompt, comma-separated")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -197,7 +206,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
-        model_dir, data = write_model_and_data(root, args.vocab, prompt_tokens)
+        model_dir, data = write_model_and_data(root, args.vocab, args.shape, prompt_tokens)
         forkflow = ForkflowSide(model_dir, data, root / "forkflow", args) if args.only != "trl" else None
         try:
             if args.only != "forkflow":  # the sides take turns, step by step, so both see the same machine load
@@ -226,8 +235,7 @@ def main() -> None:
         "device": "cpu",
         "threads": args.threads,
         "vocab": args.vocab,
-        "hidden": 256,
-        "layers": 4,
+        "shape": args.shape,
         "prompt_tokens": prompt_tokens,
         "generations": args.generations,
         "new_tokens": args.new_tokens,

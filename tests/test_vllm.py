@@ -157,3 +157,18 @@ def test_more_prompt_tokens_than_one_prefill_step_takes(engine):
     params = SamplingParams(n=2, max_new_tokens=3, seed=1)
     together = backend.generate(prompts, params)
     assert tokens(backend.generate([prompts[41]], params, prompt_keys=[41]))[0] == tokens(together)[41]
+
+
+def test_starting_an_engine_leaves_the_process_random_state_alone(tmp_path):
+    import random
+
+    path = tmp_path / "checkpoint"
+    hf_tiny_model(head_dim=32).save_pretrained(path)
+    config = from_pretrained(path).config
+    torch.manual_seed(123)
+    random.seed(123)
+    want = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    VLLMBackend(path, config, kv_cache_gb=0.1, seed=7).close()
+    assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1]

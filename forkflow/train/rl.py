@@ -309,11 +309,14 @@ class RLTrainer:
     def rollout_backend(self) -> RolloutBackend:
         r, config = self.cfg.rollout, self.model.config
         if r.backend == "vllm":
+            context = self.cfg.data.max_prompt_tokens + r.max_new_tokens  # the longest sequence a rollout makes
             try:
                 return VLLMBackend(self.cfg.model.path, config, r.dtype, r.vllm_kv_cache_gb, self.cfg.seed,
-                                   r.vllm_compile)
+                                   r.vllm_compile, context)
             except ImportError as e:
                 raise ConfigError(str(e), ("rollout.backend",)) from e
+            except ValueError as e:  # vLLM's own check, e.g. a KV cache too small for one sequence
+                raise ConfigError(f"vLLM could not start: {e}", ("rollout.vllm_kv_cache_gb",)) from e
         if self.sharded or r.dtype != "fp32":
             return TorchBackend.empty(config, self.device, torch.bfloat16 if r.dtype == "bf16" else torch.float32)
         return TorchBackend(self.model)

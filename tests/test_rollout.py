@@ -170,26 +170,35 @@ def test_entropy_aware_decoding_uses_the_high_temperature_above_the_threshold(ti
     assert temperatures_used == {rule.high, rule.low}
 
 
-def test_thinking_budget_forces_the_suffix_then_allows_the_answer_budget(tiny_checkpoint):
-    path, _ = tiny_checkpoint()
-    model = from_pretrained(path)
+def check_thinking_budget(backend, model) -> list:
+    """Budget 3, a 4-token suffix, answer budget 4, on a prompt still thinking and one that has left it: the
+    suffix is forced at the budget and the answer allowed after it, the forced tokens have sampling log-prob 0
+    and the answer's are the model's (T = 1, teacher-forced, within 1e-4). Returns (forced sample, the
+    teacher-forced log-probs of its tokens) pairs."""
     think_end, suffix = 127, (100, 101, 127, 102)
     budget = ThinkingBudget(budget=3, suffix_ids=suffix, think_end_id=think_end, answer_budget=4)
     params = SamplingParams(n=4, max_new_tokens=6, thinking=budget, seed=0)
     thinking_prompt, closed_prompt = [1, 2, 3], [1, think_end, 5]  # the second has already left thinking
-    forced = 0
-    for s in (s for row in generate(model, [thinking_prompt, closed_prompt], params) for s in row):
+    forced = []
+    for s in (s for row in backend.generate([thinking_prompt, closed_prompt], params) for s in row):
         tokens = s.token_ids.tolist()
         if s.prompt_index == 1 or think_end in tokens[:3]:
             assert s.forced_span is None and len(tokens) == 6
             continue
-        forced += 1
         assert s.forced_span == (3, 7) and tuple(tokens[3:7]) == suffix and len(tokens) == 3 + 4 + 4
         assert (s.sample_logprobs[3:7] == 0).all()
-        logits = teacher_forced(model, thinking_prompt, tokens)
+        logits = teacher_forced(model, thinking_prompt, tokens)  # the answer is drawn after the forced suffix
         want = torch.log_softmax(logits, -1).gather(1, s.token_ids[:, None])[:, 0]
+        assert torch.allclose(s.sample_logprobs[7:].double(), want[7:], atol=1e-4)
+        forced.append((s, want))
+    assert len(forced) >= 3
+    return forced
+
+
+def test_thinking_budget_forces_the_suffix_then_allows_the_answer_budget(tiny_checkpoint):
+    model = from_pretrained(tiny_checkpoint()[0])
+    for s, want in check_thinking_budget(TorchBackend(model), model):  # the model's log-probs, forced ones too
         assert torch.allclose(s.logprobs.double(), want, atol=1e-4)
-    assert forced >= 3
 
 
 def test_seed_reproduces_and_backend_matches_engine(tiny_checkpoint):

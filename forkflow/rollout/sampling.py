@@ -1,5 +1,6 @@
 """What to sample and how: the sampling parameters, and one decoding step's choice of tokens from the
-last position's logits (temperature, top-k, top-p, min-p, greedy, entropy-aware temperatures)."""
+last position's hidden states (temperature, top-k, top-p, min-p, greedy, entropy-aware temperatures; plain
+sampling at temperature 1, RLVR's setting, in one vocabulary-chunked pass)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forkflow.ops import log_normalizer_and_entropy
+from forkflow.ops import log_normalizer_and_entropy, statistics_dtype
 
 # the forking-token paper: 80th percentile of Qwen3-8B's chain-of-thought token entropy on AIME
 PAPER_ENTROPY_THRESHOLD = 0.672
@@ -84,6 +85,17 @@ class SamplingParams:
         return self.temperature == 0 and self.entropy_aware is None
 
     @property
+    def plain(self) -> bool:
+        """softmax(z) itself, unfiltered: sampled by `sample_plain` without a [B, V] logits tensor."""
+        return (
+            self.temperature == 1.0
+            and self.entropy_aware is None
+            and self.top_k == 0
+            and self.top_p == 1.0
+            and self.min_p == 0.0
+        )
+
+    @property
     def entropy_temperature(self) -> float:
         return self.temperature or 1.0
 
@@ -154,11 +166,14 @@ def sample_keys(seed: int, prompt_keys: torch.Tensor, n: int) -> torch.Tensor:
     return _mix(prompt[:, None] ^ sample[None]).reshape(-1)
 
 
-def keyed_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """One uniform number in [0, 1) (24 random bits, exact in float32) per row: a hash of the row's stream
-    key [B] and its counter [B] (the index of the token being drawn). Counter-based, like Philox: the number
-    a sample gets at a position does not depend on the batch it is drawn in, the other rows, or the rank."""
+def keyed_uniforms(keys: torch.Tensor, counters: torch.Tensor, draws: int | None = None) -> torch.Tensor:
+    """Uniform numbers in [0, 1) (24 random bits, exact in float32), a hash of the row's stream key [B] and
+    its counter [B] (the index of the token being drawn): one per row [B], or `draws` per row [B, draws]
+    (number j also hashes j). Counter-based, like Philox: the numbers a sample gets at a position do not
+    depend on the batch it is drawn in, the other rows, or the rank."""
     h = _mix(keys ^ _mix(counters + 0x1B873593))
+    if draws is not None:
+        h = _mix(h[:, None] ^ _mix(torch.arange(draws, device=h.device) + 0x2F6B1C3D))
     h = _mix(h + 0x5BD1E995)
     return (h >> 8).to(torch.float32) * 2.0**-24
 
@@ -180,16 +195,38 @@ class StepChoice:
     tokens: torch.Tensor  # [B] long
     sample_logprobs: torch.Tensor  # [B] log-prob under the distribution the token was drawn from
     log_normalizer: torch.Tensor  # [B] logsumexp of the T = 1 logits
-    entropy_t1: torch.Tensor  # [B] entropy at T = 1
+    entropies: torch.Tensor  # [B] entropy at params.entropy_temperature
+
+
+def next_tokens(
+    hidden: torch.Tensor, weight: torch.Tensor, params: SamplingParams, keys: torch.Tensor, counters: torch.Tensor
+) -> StepChoice:
+    """The last position's hidden states [B, H] and the LM head's weight [V, H] -> every row's next token,
+    drawn with the random numbers of (its stream key [B], its counter [B]) (`keyed_uniforms`)."""
+    if params.plain:
+        return sample_plain(hidden, weight, keyed_uniforms(keys, counters, 2 * _blocks(weight.shape[0])))
+    logits = (hidden @ weight.t()).to(statistics_dtype(weight.dtype))
+    return choose_tokens(logits, params, keyed_uniforms(keys, counters))
+
+
+def token_logits(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """hidden [B, H] · weight[tokens [B]] in the statistics' dtype: the logit of one token per row without a
+    [B, V] product (for bf16 weights more exact than the bf16-rounded logits, against fp32's)."""
+    dtype = statistics_dtype(weight.dtype)
+    return torch.linalg.vecdot(hidden.to(dtype), weight[tokens].to(dtype))
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> StepChoice:
     """logits [B, V] fp32 of the last position -> the next token of every row, drawn with the row's
     uniform number [B] (`keyed_uniforms`)."""
     log_normalizer, entropy_t1 = log_normalizer_and_entropy(logits)
+    if params.entropy_temperature == 1.0:
+        entropies = entropy_t1
+    else:
+        entropies = log_normalizer_and_entropy(logits / params.entropy_temperature)[1]
     if params.greedy:
         tokens = logits.argmax(-1)
-        return StepChoice(tokens, torch.zeros_like(entropy_t1), log_normalizer, entropy_t1)
+        return StepChoice(tokens, torch.zeros_like(entropy_t1), log_normalizer, entropies)
     if params.entropy_aware is None:
         temperature = torch.full_like(entropy_t1, params.temperature)
     else:
@@ -201,4 +238,66 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.
     choice = draw(probs, uniforms)  # [B, 1]
     sample_logprobs = probs.gather(1, choice)[:, 0].log()  # a drawn token's p is far above fp32's underflow
     tokens = (choice if token_ids is None else token_ids.gather(1, choice))[:, 0]
-    return StepChoice(tokens, sample_logprobs, log_normalizer, entropy_t1)
+    return StepChoice(tokens, sample_logprobs, log_normalizer, entropies)
+
+
+BLOCK = 128  # vocabulary tokens per block of `sample_plain`'s draw (Qwen3's 151,936 = 1187 blocks)
+CHUNK_BLOCKS = 64  # blocks of logits `sample_plain` holds at once: [B, 8192] per chunk
+
+
+def _blocks(vocab: int) -> int:
+    return -(-vocab // BLOCK)
+
+
+def _block_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [B, H] @ weight [c, H]^T -> [B, ceil(c / BLOCK), BLOCK] in the statistics' dtype, the last block
+    padded with the dtype's lowest value (probability 0, and 0 · it stays finite, unlike -inf)."""
+    dtype = statistics_dtype(weight.dtype)
+    logits = (hidden @ weight.t()).to(dtype)
+    pad = -logits.shape[1] % BLOCK
+    if pad:
+        logits = torch.nn.functional.pad(logits, (0, pad), value=torch.finfo(dtype).min)
+    return logits.view(logits.shape[0], -1, BLOCK)
+
+
+def sample_plain(hidden: torch.Tensor, weight: torch.Tensor, uniforms: torch.Tensor) -> StepChoice:
+    """A token from softmax(hidden · Wᵀ) per row, with that distribution's logsumexp and entropy, in one pass
+    over the vocabulary, CHUNK_BLOCKS · BLOCK logits at a time: no [B, V] tensor, where `choose_tokens` makes
+    ~10 passes over [B, V] ones. uniforms [B, 2 · blocks] (`keyed_uniforms`).
+
+    The draw is reservoir sampling over blocks of BLOCK tokens: the candidate is replaced by a draw from block
+    j (inverse CDF within it, with uniform 2j + 1) when uniform 2j < w_j / W_j, w_j the block's mass and W_j
+    that of blocks 0..j; the last replacement is then distributed as softmax exactly (induction over j). The
+    masses are kept relative to the running maximum logit M (online softmax): S = Σ exp(z - M) and
+    D = Σ exp(z - M)(z - M) give lse = M + log S and H = log S - D / S, without cancelling large terms.
+    The blocks, and so the draw, do not depend on the batch.
+    """
+    B, dtype = hidden.shape[0], statistics_dtype(weight.dtype)
+    uniforms = uniforms.view(B, -1, 2)
+    rows = torch.arange(B, device=hidden.device)
+    lowest = torch.full((B,), torch.finfo(dtype).min, dtype=dtype, device=hidden.device)
+    M, S, D = lowest, torch.zeros_like(lowest), torch.zeros_like(lowest)
+    tokens = torch.zeros(B, dtype=torch.long, device=hidden.device)
+    chunk = CHUNK_BLOCKS * BLOCK
+    for start in range(0, weight.shape[0], chunk):
+        z = _block_logits(hidden, weight[start : start + chunk])  # [B, k, BLOCK]
+        m = z.amax(-1)  # [B, k] block maxima
+        y = z.sub_(m[..., None])
+        e = y.exp()
+        new_M = torch.maximum(M, m.amax(-1))
+        scale = (m - new_M[:, None]).exp_()
+        w = e.sum(-1).mul_(scale)  # block masses relative to new_M
+        rescale = (M - new_M).exp_()
+        mass = (S * rescale)[:, None] + w.cumsum(-1)  # W_j
+        block_D = torch.linalg.vecdot(e, y).mul_(scale) + (m - new_M[:, None]) * w
+        D = rescale * (D + (M - new_M) * S) + block_D.sum(-1)
+        M, S = new_M, mass[:, -1]
+        u = uniforms[:, start // BLOCK : start // BLOCK + z.shape[1]]  # [B, k, 2]
+        replace = u[..., 0] * mass < w
+        last = (replace * torch.arange(1, z.shape[1] + 1, device=z.device)).argmax(-1)  # the last replacement
+        within = draw(e[rows, last], u[rows, last, 1])[:, 0]
+        tokens = torch.where(replace.any(-1), start + last * BLOCK + within, tokens)
+    log_normalizer = M + S.log()
+    entropies = (S.log() - D / S).clamp_(min=0.0)
+    sample_logprobs = token_logits(hidden, weight, tokens) - log_normalizer
+    return StepChoice(tokens, sample_logprobs, log_normalizer, entropies)

@@ -345,11 +345,20 @@ def test_sft_skips_an_inf_loss_and_the_command_stops_cleanly_after_max_skips(tmp
     ("eval.k=0", "command line 'eval.k=0': eval.k must be >= 1, got 0"),
     ("keep_last=-1", "keep_last must be >= 0"),
     ("device=gpu", "command line 'device=gpu': device: 'gpu' is not a device"),
+    ("rollout.max_batch_tokens=100", "rollout.max_batch_tokens (100) cannot hold one request: a prompt of "
+                                     "data.max_prompt_tokens (64) plus rollout.max_new_tokens (128) takes 192; set "
+                                     "it to at least that, or 0 (no bound)"),
 ])
 def test_bad_values_on_the_command_line_are_blamed_on_it(override, message):
     with pytest.raises(ConfigError) as refused:
         load_config(RLConfig, "configs/rl_tiny.yaml", [override])
     assert message in str(refused.value)
+
+
+def test_a_batch_bound_for_vllm_is_refused():
+    with pytest.raises(ConfigError, match="rollout.max_batch_tokens bounds the torch backend's KV cache; vLLM's is "
+                                          "rollout.vllm_kv_cache_gb"):
+        load_config(RLConfig, "configs/rl_tiny.yaml", ["rollout.backend=vllm", "rollout.max_batch_tokens=1000"])
 
 
 def test_bad_values_in_the_yaml_file_are_blamed_on_it(tmp_path):

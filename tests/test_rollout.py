@@ -12,7 +12,6 @@ from tokenizers import Tokenizer
 
 from forkflow.chat import THINKING_BUDGET_TEXT, load_tokenizer
 from forkflow.models import from_pretrained
-from forkflow.models.qwen3 import KVCache, StaticKVCache
 from forkflow.rollout import (
     EntropyAwareTemperature,
     PromptError,
@@ -24,7 +23,8 @@ from forkflow.rollout import (
 from forkflow.rollout.cli import main as generate_cli
 from forkflow.rollout.cli import max_new_tokens
 from forkflow.rollout.cli import parser as generate_parser
-from forkflow.rollout.sampling import BLOCK, CHUNK_BLOCKS, keyed_uniforms, sample_plain
+from forkflow.rollout.sampling import BLOCK, CHUNK, keyed_uniforms, sample_plain
+from forkflow.rollout.weights import Head
 from forkflow.train.rl_data import load_rl_prompts
 from tests.test_train_rl import write_rl_setup
 
@@ -247,24 +247,6 @@ def test_an_empty_backend_samples_from_the_weights_it_is_given_and_frees_them(ti
     assert not any(p.is_meta for p in model.parameters())
 
 
-def test_static_cache_with_row_selection_equals_full_forward(tiny_checkpoint):
-    path, _ = tiny_checkpoint(moe=True)
-    model = from_pretrained(path)
-    ids, mask = left_padded([[4, 5, 6, 7], [8, 9]])
-    rows = torch.tensor([1, 0, 1])  # reorder and repeat
-    nxt = torch.tensor([[20], [21], [22]])
-    with torch.no_grad():
-        decoded = []
-        for cache in (KVCache.empty(2, 2), StaticKVCache(2, 2, capacity=8)):
-            model(ids, attention_mask=mask, cache=cache)
-            cache.select_rows(rows)
-            decoded.append(model(nxt, cache=cache).logits[:, 0])
-        sequences = [[8, 9, 20], [4, 5, 6, 7, 21], [8, 9, 22]]
-        full = torch.stack([model(torch.tensor([s])).logits[0, -1] for s in sequences])
-    assert torch.allclose(decoded[0], decoded[1], atol=1e-6)
-    assert torch.allclose(decoded[1], full, atol=1e-5)
-
-
 def test_bad_prompts_are_named(tiny_checkpoint):
     path, _ = tiny_checkpoint()
     model = from_pretrained(path)
@@ -380,14 +362,14 @@ def test_plain_sampling_draws_softmax_over_blocks_and_chunks():
     """sample_plain over three chunks of logits, the last ending in a partial block, the probability mass
     spread over all of them: its tokens follow softmax(z) (chi-square), its log-normalizer, entropy and
     log-probs are exact."""
-    vocab, draws = 2 * CHUNK_BLOCKS * BLOCK + 300, 6000
+    vocab, draws = 2 * CHUNK + 300, 6000
     g = torch.Generator().manual_seed(0)
     logits = torch.full((vocab,), -30.0)
     support = torch.cat([torch.randperm(vocab - 300, generator=g)[:40], torch.arange(vocab - 8, vocab)])
     logits[support] = torch.randn(len(support), generator=g) * 1.5
-    weight, hidden = logits[:, None], torch.ones(500, 1)  # hidden · weightᵀ = the logits, for 500 rows at once
+    head, hidden = Head(logits[:, None]), torch.ones(500, 1)  # hidden · weightᵀ = the logits, for 500 rows at once
     steps = [
-        sample_plain(hidden, weight, keyed_uniforms(torch.arange(k, k + 500), torch.zeros(500, dtype=torch.long),
+        sample_plain(hidden, head, keyed_uniforms(torch.arange(k, k + 500), torch.zeros(500, dtype=torch.long),
                                                     2 * -(-vocab // BLOCK)))
         for k in range(0, draws, 500)
     ]
@@ -479,6 +461,21 @@ def test_generate_cli_names_the_bad_line(tiny_checkpoint, tmp_path, capsys, line
     code = generate_cli(["--model", str(path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_cli_max_batch_tokens_writes_the_same_samples(tiny_checkpoint, tmp_path, capsys):
+    path, _ = tiny_checkpoint()
+    prompts = write_lines(tmp_path / "in.jsonl", [{"prompt_ids": p} for p in PROMPTS])
+    argv = ["--model", str(path), "--prompts", str(prompts), "--n", "3", "--max-new-tokens", "8"]
+    outputs = []
+    for name, options in (("all", []), ("bounded", ["--max-batch-tokens", "30"])):  # 2 slots of 4 + 8 + ...
+        assert generate_cli([*argv, "--out", str(tmp_path / name), *options]) == 0
+        outputs.append([json.loads(line)["token_ids"] for line in (tmp_path / name).read_text().splitlines()])
+    assert outputs[0] == outputs[1]
+    assert generate_cli([*argv, "--out", str(tmp_path / "small"), "--max-batch-tokens", "12"]) == 2
+    err = capsys.readouterr().err
+    assert "forkflow generate: --max-batch-tokens: max_batch_tokens=12 cannot hold one request" in err
+    assert "Traceback" not in err and not (tmp_path / "small").exists()
 
 
 def test_generate_cli_reads_the_layouts_train_and_eval_read(tmp_path):

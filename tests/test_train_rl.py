@@ -275,6 +275,23 @@ def test_bf16_rollouts_sample_from_a_cast_copy_and_log_the_gap(setup, tmp_path):
     assert next(trainer.backend.model.parameters()).is_meta  # released after the rollout
 
 
+def test_a_bounded_rollout_batch_trains_the_same(setup, tmp_path):
+    """rollout.max_batch_tokens: the round's 8 requests decode 2 or 3 at a time (continuous batching) and the
+    step gives the unbounded step's responses, rewards and weights."""
+    runs = {}
+    for name, bound in (("all", 0), ("bounded", 152)):  # 2 x (data.max_prompt_tokens + rollout.max_new_tokens)
+        trainer = RLTrainer(tiny_config(setup, tmp_path / name, steps=1, **{"data.max_prompt_tokens": 64,
+                                                                            "rollout.max_batch_tokens": bound}))
+        assert trainer.backend.max_batch_tokens == (bound or None)
+        trainer.train()
+        runs[name] = (json.loads((tmp_path / name / "metrics.jsonl").read_text()),
+                      from_pretrained(tmp_path / name / "model").state_dict())
+    (a, wa), (b, wb) = runs["all"], runs["bounded"]
+    assert a["reward/mean"] == b["reward/mean"] and a["response_len/mean"] == b["response_len/mean"]
+    assert a["pg/loss"] == pytest.approx(b["pg/loss"], abs=1e-6)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
 def test_the_vllm_backend_without_vllm_is_one_line_naming_the_fix(setup, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails as where the extra is not installed
     argv = ["train", "configs/rl_tiny.yaml", *tiny_overrides(setup, tmp_path / "run", **{"rollout.backend": "vllm"}),

@@ -223,52 +223,6 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` [B'] in that order (repeats allowed): drop finished sequences while
-        decoding, or give each of n samples its own copy of a prompt's cache."""
-        self.keys = [None if k is None else k[rows] for k in self.keys]
-        self.values = [None if v is None else v[rows] for v in self.values]
-        self.positions, self.segments = self.positions[rows], self.segments[rows]
-
-
-class StaticKVCache(KVCache):
-    """An inference KVCache that preallocates `capacity` slots per layer and writes new keys/values in place,
-    so a decoding step copies one token's keys instead of the whole cache; `keys[layer]` is a view of the
-    filled slots. Buffers are allocated on the first write, with that write's batch, heads, dim and dtype.
-    """
-
-    def __init__(self, num_layers: int, batch: int, capacity: int, device=None):
-        empty = KVCache.empty(num_layers, batch, device)
-        super().__init__(empty.keys, empty.values, empty.positions, empty.segments)
-        self.capacity = capacity
-        self.key_buffers: list = [None] * num_layers  # per layer [B, KV, capacity, D]
-        self.value_buffers: list = [None] * num_layers
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.key_buffers[layer] is None:
-            B, KV, _, D = k.shape
-            self.key_buffers[layer] = k.new_empty(B, KV, self.capacity, D)
-            self.value_buffers[layer] = v.new_empty(B, KV, self.capacity, D)
-        start = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
-        end = start + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"StaticKVCache holds {self.capacity} tokens; writing up to {end} overflows it")
-        self.key_buffers[layer][:, :, start:end] = k
-        self.value_buffers[layer][:, :, start:end] = v
-        self.keys[layer] = self.key_buffers[layer][:, :, :end]
-        self.values[layer] = self.value_buffers[layer][:, :, :end]
-        return self.keys[layer], self.values[layer]
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        for layer, key_buffer in enumerate(self.key_buffers):
-            if key_buffer is not None:
-                filled = self.keys[layer].shape[2]
-                self.key_buffers[layer] = key_buffer[rows]
-                self.value_buffers[layer] = self.value_buffers[layer][rows]
-                self.keys[layer] = self.key_buffers[layer][:, :, :filled]
-                self.values[layer] = self.value_buffers[layer][:, :, :filled]
-        self.positions, self.segments = self.positions[rows], self.segments[rows]
-
 
 class BlockKVCache(KVCache):
     """A KVCache that keeps earlier tokens' keys/values as a list of blocks per layer (ChunkFlow's per-chunk
@@ -283,11 +237,6 @@ class BlockKVCache(KVCache):
         self.keys[layer] = [*self.keys[layer], k]
         self.values[layer] = [*self.values[layer], v]
         return self.keys[layer], self.values[layer]
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.keys = [[k[rows] for k in blocks] for blocks in self.keys]
-        self.values = [[v[rows] for v in blocks] for blocks in self.values]
-        self.positions, self.segments = self.positions[rows], self.segments[rows]
 
 
 class Attention(nn.Module):

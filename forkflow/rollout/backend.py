@@ -11,6 +11,7 @@ import torch
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from forkflow.rollout.engine import Sample, generate
 from forkflow.rollout.sampling import SamplingParams
+from forkflow.rollout.weights import DecodeWeights
 
 
 class RolloutBackend(Protocol):
@@ -47,11 +48,17 @@ class TorchBackend:
     `TorchBackend.empty(config, device, dtype)` holds no weights until `load_weights` (a sharded trainer
     gathers them once per step, verl's hybrid engine; a bf16 rollout casts the fp32 trainer's) and frees them
     again on `release`. max_batch_tokens bounds the KV cache of a `generate` call (continuous batching, see
-    `engine.generate`); None: all requests at once."""
+    `engine.generate`); None: all requests at once.
+
+    The decoding step's copy of the weights (`weights.DecodeWeights`: fused, and prepacked on CPU) is made at
+    the first `generate` after the model's weights change (an optimizer step or `load_weights`: their
+    tensors' version counters move) and dropped by `release`."""
 
     def __init__(self, model: Qwen3ForCausalLM, owns_weights: bool = False, max_batch_tokens: int | None = None):
         self.model, self.owns_weights, self.max_batch_tokens = model, owns_weights, max_batch_tokens
         self.device = model.lm_head.weight.device
+        self.decode_weights: DecodeWeights | None = None
+        self.weights_version: list[tuple[int, int]] = []
 
     @classmethod
     def empty(
@@ -68,7 +75,11 @@ class TorchBackend:
         return backend
 
     def generate(self, prompts, params, on_step=None, prompt_keys=None) -> list[list[Sample]]:
-        return generate(self.model, prompts, params, on_step, prompt_keys, self.max_batch_tokens)
+        version = [(p.data_ptr(), p._version) for p in self.model.parameters()]
+        if self.decode_weights is None or version != self.weights_version:
+            self.decode_weights, self.weights_version = None, version  # the old copy goes before the new one
+            self.decode_weights = DecodeWeights(self.model)
+        return generate(self.model, prompts, params, on_step, prompt_keys, self.max_batch_tokens, self.decode_weights)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.model.lm_head.weight.is_meta:
@@ -81,6 +92,7 @@ class TorchBackend:
                 params[name].copy_(tensor)
 
     def release(self) -> None:
+        self.decode_weights = None
         if self.owns_weights:
             self.model.to("meta")
 

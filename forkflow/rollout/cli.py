@@ -16,7 +16,7 @@ from forkflow import chat
 from forkflow.jsonl import InputError, token_id_list, write_jsonl
 from forkflow.models import CheckpointError, from_pretrained
 from forkflow.rollout.backend import TorchBackend
-from forkflow.rollout.engine import PromptError, Sample, check_prompts
+from forkflow.rollout.engine import PromptError, Sample, batch_slots, check_prompts, slot_tokens
 from forkflow.rollout.sampling import (
     PAPER_ENTROPY_THRESHOLD,
     EntropyAwareTemperature,
@@ -212,7 +212,14 @@ def parser() -> argparse.ArgumentParser:
         "--low-entropy-temperature", type=float, default=None, help="entropy-aware decoding: elsewhere"
     )
     p.add_argument("--entropy-threshold", type=float, default=PAPER_ENTROPY_THRESHOLD)
-    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (and written)")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="KV-cache tokens the decoding batch may hold: samples beyond it wait and take the place of finished "
+        "ones (the same samples; default: a batch's samples all at once)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -235,8 +242,12 @@ def run(args) -> int:
         check_prompts(prompts, model.config.vocab_size, model.config.max_position_embeddings)
     except PromptError as e:
         raise InputError(f"{records[e.index][0]}: {e.reason}") from None
+    try:  # the bound must hold the longest prompt's request, whichever batch it falls in
+        batch_slots(1, slot_tokens(prompts, params, model.config.max_position_embeddings), args.max_batch_tokens)
+    except ValueError as e:
+        raise InputError(f"--max-batch-tokens: {e}") from None
 
-    backend = TorchBackend(model)
+    backend = TorchBackend(model, max_batch_tokens=args.max_batch_tokens)
     bar = tqdm(total=len(prompts) * params.n, unit="sample", desc="generate", disable=None)  # terminal only
     tokens, start = 0, time.perf_counter()
 

@@ -5,10 +5,14 @@ sampling at temperature 1, RLVR's setting, in one vocabulary-chunked pass)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from forkflow.ops import log_normalizer_and_entropy, statistics_dtype
+
+if TYPE_CHECKING:
+    from forkflow.rollout.weights import Head
 
 # the forking-token paper: 80th percentile of Qwen3-8B's chain-of-thought token entropy on AIME
 PAPER_ENTROPY_THRESHOLD = 0.672
@@ -199,13 +203,13 @@ class StepChoice:
 
 
 def next_tokens(
-    hidden: torch.Tensor, weight: torch.Tensor, params: SamplingParams, keys: torch.Tensor, counters: torch.Tensor
+    hidden: torch.Tensor, head: Head, params: SamplingParams, keys: torch.Tensor, counters: torch.Tensor
 ) -> StepChoice:
-    """The last position's hidden states [B, H] and the LM head's weight [V, H] -> every row's next token,
+    """The last position's hidden states [B, H] and the LM head (`weights.Head`) -> every row's next token,
     drawn with the random numbers of (its stream key [B], its counter [B]) (`keyed_uniforms`)."""
     if params.plain:
-        return sample_plain(hidden, weight, keyed_uniforms(keys, counters, 2 * _blocks(weight.shape[0])))
-    logits = (hidden @ weight.t()).to(statistics_dtype(weight.dtype))
+        return sample_plain(hidden, head, keyed_uniforms(keys, counters, 2 * _blocks(len(head.weight))))
+    logits = head.logits(hidden).to(statistics_dtype(head.weight.dtype))
     return choose_tokens(logits, params, keyed_uniforms(keys, counters))
 
 
@@ -242,62 +246,62 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.
 
 
 BLOCK = 128  # vocabulary tokens per block of `sample_plain`'s draw (Qwen3's 151,936 = 1187 blocks)
-CHUNK_BLOCKS = 64  # blocks of logits `sample_plain` holds at once: [B, 8192] per chunk
+CHUNK = 256 * BLOCK  # vocabulary tokens of a chunk of the LM head: `sample_plain` holds [B, 32768] logits at once
 
 
 def _blocks(vocab: int) -> int:
     return -(-vocab // BLOCK)
 
 
-def _block_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden [B, H] @ weight [c, H]^T -> [B, ceil(c / BLOCK), BLOCK] in the statistics' dtype, the last block
-    padded with the dtype's lowest value (probability 0, and 0 · it stays finite, unlike -inf)."""
-    dtype = statistics_dtype(weight.dtype)
-    logits = (hidden @ weight.t()).to(dtype)
+def _block_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A chunk's logits [B, c] -> [B, ceil(c / BLOCK), BLOCK] in the statistics' dtype, the last block padded
+    with the dtype's lowest value (probability 0, and 0 · it stays finite, unlike -inf)."""
+    dtype = statistics_dtype(logits.dtype)
+    logits = logits.to(dtype)
     pad = -logits.shape[1] % BLOCK
     if pad:
         logits = torch.nn.functional.pad(logits, (0, pad), value=torch.finfo(dtype).min)
     return logits.view(logits.shape[0], -1, BLOCK)
 
 
-def sample_plain(hidden: torch.Tensor, weight: torch.Tensor, uniforms: torch.Tensor) -> StepChoice:
+def sample_plain(hidden: torch.Tensor, head: Head, uniforms: torch.Tensor) -> StepChoice:
     """A token from softmax(hidden · Wᵀ) per row, with that distribution's logsumexp and entropy, in one pass
-    over the vocabulary, CHUNK_BLOCKS · BLOCK logits at a time: no [B, V] tensor, where `choose_tokens` makes
-    ~10 passes over [B, V] ones. uniforms [B, 2 · blocks] (`keyed_uniforms`).
+    over the vocabulary, one chunk of the head (CHUNK logits) at a time: no [B, V] tensor, where
+    `choose_tokens` makes ~10 passes over [B, V] ones. uniforms [B, 2 · blocks] (`keyed_uniforms`).
 
     The draw is reservoir sampling over blocks of BLOCK tokens: the candidate is replaced by a draw from block
     j (inverse CDF within it, with uniform 2j + 1) when uniform 2j < w_j / W_j, w_j the block's mass and W_j
-    that of blocks 0..j; the last replacement is then distributed as softmax exactly (induction over j). The
-    masses are kept relative to the running maximum logit M (online softmax): S = Σ exp(z - M) and
+    that of blocks 0..j; the last replacement is then distributed as softmax exactly (induction over j), so
+    only the last replacing block's probabilities are kept and drawn from once, at the end. The masses are
+    kept relative to the running maximum logit M (online softmax): S = Σ exp(z - M) and
     D = Σ exp(z - M)(z - M) give lse = M + log S and H = log S - D / S, without cancelling large terms.
     The blocks, and so the draw, do not depend on the batch.
     """
-    B, dtype = hidden.shape[0], statistics_dtype(weight.dtype)
+    B, dtype = hidden.shape[0], statistics_dtype(head.weight.dtype)
     uniforms = uniforms.view(B, -1, 2)
     rows = torch.arange(B, device=hidden.device)
-    lowest = torch.full((B,), torch.finfo(dtype).min, dtype=dtype, device=hidden.device)
-    M, S, D = lowest, torch.zeros_like(lowest), torch.zeros_like(lowest)
-    tokens = torch.zeros(B, dtype=torch.long, device=hidden.device)
-    chunk = CHUNK_BLOCKS * BLOCK
-    for start in range(0, weight.shape[0], chunk):
-        z = _block_logits(hidden, weight[start : start + chunk])  # [B, k, BLOCK]
-        m = z.amax(-1)  # [B, k] block maxima
-        y = z.sub_(m[..., None])
+    M = torch.full((B,), torch.finfo(dtype).min, dtype=dtype, device=hidden.device)
+    S, D = torch.zeros_like(M), torch.zeros_like(M)
+    block = torch.zeros(B, dtype=torch.long, device=hidden.device)  # the last replacing block so far
+    candidate = torch.zeros(B, BLOCK, dtype=dtype, device=hidden.device)  # its exp(z - its chunk's max)
+    for start, projection in head.chunks:
+        z = _block_logits(projection(hidden))  # [B, k, BLOCK]
+        k = z.shape[1]
+        new_M = torch.maximum(M, z.amax((1, 2)))
+        y = z.sub_(new_M[:, None, None])
         e = y.exp()
-        new_M = torch.maximum(M, m.amax(-1))
-        scale = (m - new_M[:, None]).exp_()
-        w = e.sum(-1).mul_(scale)  # block masses relative to new_M
+        w = e.sum(-1)  # [B, k] block masses relative to new_M
         rescale = (M - new_M).exp_()
         mass = (S * rescale)[:, None] + w.cumsum(-1)  # W_j
-        block_D = torch.linalg.vecdot(e, y).mul_(scale) + (m - new_M[:, None]) * w
-        D = rescale * (D + (M - new_M) * S) + block_D.sum(-1)
+        D = rescale * (D + (M - new_M) * S) + torch.linalg.vecdot(e.view(B, -1), y.view(B, -1))
         M, S = new_M, mass[:, -1]
-        u = uniforms[:, start // BLOCK : start // BLOCK + z.shape[1]]  # [B, k, 2]
-        replace = u[..., 0] * mass < w
-        last = (replace * torch.arange(1, z.shape[1] + 1, device=z.device)).argmax(-1)  # the last replacement
-        within = draw(e[rows, last], u[rows, last, 1])[:, 0]
-        tokens = torch.where(replace.any(-1), start + last * BLOCK + within, tokens)
+        replace = uniforms[:, start // BLOCK : start // BLOCK + k, 0] * mass < w
+        last = (replace * torch.arange(1, k + 1, device=z.device)).argmax(-1)  # the last replacement
+        replaced = replace.any(-1)
+        block = torch.where(replaced, start // BLOCK + last, block)
+        candidate = torch.where(replaced[:, None], e[rows, last], candidate)
+    tokens = block * BLOCK + draw(candidate, uniforms[rows, block, 1])[:, 0]
     log_normalizer = M + S.log()
     entropies = (S.log() - D / S).clamp_(min=0.0)
-    sample_logprobs = token_logits(hidden, weight, tokens) - log_normalizer
+    sample_logprobs = token_logits(hidden, head.weight, tokens) - log_normalizer
     return StepChoice(tokens, sample_logprobs, log_normalizer, entropies)

@@ -127,6 +127,9 @@ class RolloutConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # the rollout's weights, cast from the trainer's once per step
     vllm_kv_cache_gb: Positive = 1.0  # backend=vllm: memory vLLM reserves for its KV cache
     vllm_compile: bool = False  # backend=vllm: torch.compile vLLM's model (slower start, faster decoding)
+    # backend=torch: KV-cache tokens the decoding batch may hold; requests beyond it are queued and take the
+    # place of finished ones (continuous batching, the same samples); 0: every request of a round at once
+    max_batch_tokens: NonNegativeInt = 0
 
 
 @dataclass
@@ -216,11 +219,21 @@ class RLConfig:
             raise ConfigError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be below "
                               f"rollout.max_new_tokens ({self.rollout.max_new_tokens})",
                               ("reward.overlong_buffer", "rollout.max_new_tokens"))
+        r, longest = self.rollout, self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if r.max_batch_tokens and r.backend != "torch":
+            raise ConfigError("rollout.max_batch_tokens bounds the torch backend's KV cache; vLLM's is "
+                              "rollout.vllm_kv_cache_gb", ("rollout.max_batch_tokens", "rollout.backend"))
+        if 0 < r.max_batch_tokens < longest:
+            raise ConfigError(f"rollout.max_batch_tokens ({r.max_batch_tokens}) cannot hold one request: a prompt "
+                              f"of data.max_prompt_tokens ({self.data.max_prompt_tokens}) plus rollout.max_new_tokens "
+                              f"({r.max_new_tokens}) takes {longest}; set it to at least that, or 0 (no bound)",
+                              ("rollout.max_batch_tokens", "data.max_prompt_tokens", "rollout.max_new_tokens"))
         check_device(self.device)
 
 
-# what a rerun may change and still resume: beside RUN_KEYS, the length of the run and how it evaluates and scores
-RL_RUN_KEYS = (*RUN_KEYS, "steps", "eval", "reward.workers", "reward.timeout_s")
+# what a rerun may change and still resume: beside RUN_KEYS, the length of the run, how it evaluates and scores,
+# and the rollout batch's bound (its samples do not depend on it)
+RL_RUN_KEYS = (*RUN_KEYS, "steps", "eval", "reward.workers", "reward.timeout_s", "rollout.max_batch_tokens")
 
 
 @dataclass
@@ -317,9 +330,11 @@ class RLTrainer:
                 raise ConfigError(str(e), ("rollout.backend",)) from e
             except ValueError as e:  # vLLM's own check, e.g. a KV cache too small for one sequence
                 raise ConfigError(f"vLLM could not start: {e}", ("rollout.vllm_kv_cache_gb",)) from e
+        max_batch_tokens = r.max_batch_tokens or None
         if self.sharded or r.dtype != "fp32":
-            return TorchBackend.empty(config, self.device, torch.bfloat16 if r.dtype == "bf16" else torch.float32)
-        return TorchBackend(self.model)
+            dtype = torch.bfloat16 if r.dtype == "bf16" else torch.float32
+            return TorchBackend.empty(config, self.device, dtype, max_batch_tokens)
+        return TorchBackend(self.model, max_batch_tokens=max_batch_tokens)
 
     def sampling(self, round_: int) -> SamplingParams:
         r = self.cfg.rollout

@@ -30,11 +30,14 @@ from forkflow.distributed.plan import (
     autocast_weight_bytes,
     chunkflow_activation_bytes,
     compute_mode,
+    decode_weight_bytes,
     fsdp_gather_bytes,
     head_bytes_per_token,
     kv_leaf_bytes,
+    largest_prompts_per_rank,
     layer_bytes_per_token,
     lm_head_chunk_bytes,
+    load_training_config,
     local_parameters,
     parameter_counts,
     parse_size,
@@ -42,6 +45,11 @@ from forkflow.distributed.plan import (
     rollout_bytes,
     rollout_decode_bytes,
     rollout_kv_cache_bytes,
+    rollout_layer_bytes,
+    rollout_prefill_bytes,
+    rollout_results_bytes,
+    rollout_slots,
+    setting_from_config,
     shard_numel,
     training_activation_bytes,
     training_state_bytes,
@@ -49,6 +57,9 @@ from forkflow.distributed.plan import (
     vllm_rollout_bytes,
 )
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from forkflow.rollout.engine import generate
+from forkflow.rollout.sampling import CHUNK, SamplingParams
+from forkflow.rollout.weights import DecodeWeights
 from tests.test_sft import ROOT
 
 TINY = Qwen3Config(vocab_size=101, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
@@ -123,16 +134,79 @@ def test_activation_formulas_by_hand():
 
 
 def test_rollout_formulas_by_hand():
-    # 3 prompts x n 4 = 12 rows of 10 + 30 tokens: 2 · layers 2 · kv 1 · dim 4 · 4 B per token (2 B in bf16)
+    # 3 prompts x n 4 = 12 requests of 10 + 30 tokens: 2 · layers 2 · kv 1 · dim 4 · 4 B per token (2 B in bf16)
     assert rollout_kv_cache_bytes(TINY, 12, 40, 4) == 2 * 2 * 1 * 4 * 12 * 40 * 4
     assert rollout_kv_cache_bytes(TINY, 12, 40, 2) == 2 * 2 * 1 * 4 * 12 * 40 * 2
-    assert rollout_decode_bytes(TINY, 12, 30) == 12 * 101 * 16 + 12 * 30 * 20
-    decode = rollout_bytes(TINY, 3, 4, 10, 30, "fused", 4)
-    assert decode == {"kv_cache": rollout_kv_cache_bytes(TINY, 12, 40, 4),
-                      "working": rollout_decode_bytes(TINY, 12, 30)}
+    # a slot per request without a bound (0), else as many 40-token slots as max_batch_tokens holds
+    assert (rollout_slots(12, 40, 0), rollout_slots(12, 40, 100), rollout_slots(12, 40, 10**6)) == (12, 2, 12)
+    # one layer's no-grad temporaries per token: 3 · I 12 + 4 · H 8 + 2 · heads 2 · dim 4
+    assert rollout_layer_bytes(TINY, 10, 4) == 10 * (36 + 32 + 16) * 4
+    # one prompt of 10 tokens alone: a layer's temporaries and two 1-row caches of 10 tokens (its own, the last one's)
+    prefill = rollout_layer_bytes(TINY, 10, 4) + 2 * rollout_kv_cache_bytes(TINY, 1, 10, 4)
+    assert rollout_prefill_bytes(TINY, 10, "fused", 4) == prefill
+    assert rollout_prefill_bytes(TINY, 10, "math", 4) == prefill + 2 * 2 * 10 * 10 * 4  # fp32 scores, probabilities
+    # a decoding step of 12 rows over 40 cache columns: its forward (a layer's temporaries, the mask) or its sampling, four fp32 [rows, V] without plain sampling, three fp32
+    # [rows, min(CHUNK, V)] and 2 fp32 random numbers per 128-token block with it, whichever is larger
+    forward = rollout_layer_bytes(TINY, 12, 4) + 12 * 40 * 4
+    assert rollout_decode_bytes(TINY, 12, 40, 4, plain=False) == 12 * 101 * 16 > forward
+    assert rollout_decode_bytes(TINY, 12, 40, 4, plain=True) == 12 * (101 * 12 + 8) > forward
+    big = Qwen3Config(**{**vars(TINY), "vocab_size": 3 * CHUNK})
+    assert rollout_decode_bytes(big, 12, 40, 4, plain=True) == 12 * (CHUNK * 12 + 8 * 3 * CHUNK // 128)
+    assert rollout_decode_bytes(big, 12, 40, 2, plain=True) == 12 * (CHUNK * 14 + 8 * 3 * CHUNK // 128)  # + bf16
+    assert rollout_decode_bytes(big, 12, 40, 4, plain=False) == 12 * 3 * CHUNK * 16
+    wide = Qwen3Config(**{**vars(TINY), "intermediate_size": 1000})  # the decoding forward's temporaries are larger
+    assert rollout_decode_bytes(wide, 12, 40, 4, plain=True) == 12 * 3048 * 4 + 12 * 40 * 4
+    assert rollout_decode_bytes(wide, 12, 40, 2, plain=True) == 12 * 3048 * 2 + 12 * 40 * 2
+    assert rollout_results_bytes(12, 30) == 12 * 30 * (3 * 4 + 8)
+    assert rollout_bytes(TINY, 3, 4, 10, 30, "fused", 4, 0, True) == {
+        "kv_cache": rollout_kv_cache_bytes(TINY, 12, 40, 4),
+        "working": rollout_results_bytes(12, 30) + max(prefill, rollout_decode_bytes(TINY, 12, 40, 4, plain=True))}
     # vLLM: the reserved cache whatever the rows, one step's logits of at most 256 rows
     assert vllm_rollout_bytes(TINY, 12, 10**9) == {"kv_cache": 10**9, "working": 12 * 101 * 16}
     assert vllm_rollout_bytes(TINY, 4096, 10**9)["working"] == 256 * 101 * 16
+
+
+@pytest.mark.parametrize("cfg", [TINY, Qwen3Config(**{**vars(TINY), "num_experts": 4, "num_experts_per_tok": 2,
+                                                     "moe_intermediate_size": 6, "mlp_only_layers": [1]})],
+                         ids=["dense", "moe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_weights_allocate_what_the_plan_says(cfg, dtype, monkeypatch):
+    """What weights.DecodeWeights allocates where it does not prepack (a GPU): the fused q/k/v and per-head q/k
+    norm weights of every layer and the fused gate/up of the dense ones, per dense layer in bf16
+    2 B · (H 8 · (2 + 2 · 1) · 4 + (2 + 1) · 4 + H 8 · 2 · 12)."""
+    monkeypatch.setattr("forkflow.rollout.weights.packs", lambda weight: False)
+    model = Qwen3ForCausalLM(cfg).to(dtype)
+    tracker = AllocatedBytes()
+    with tracker:
+        DecodeWeights(model)
+    assert tracker.peak == decode_weight_bytes(cfg, dtype.itemsize)
+    if cfg is TINY and dtype == torch.bfloat16:
+        assert tracker.peak == 2 * 2 * (8 * 16 + 12 + 8 * 24)
+
+
+def test_a_bounded_rollout_plans_a_slot_cache_of_max_batch_tokens_and_plain_sampling_no_vocabulary_rows():
+    """rollout.max_batch_tokens 100 holds 2 slots of 10 + 30 tokens whatever the prompts; plain sampling walks
+    the LM head in chunks, so its step holds [rows, CHUNK] tensors, not [rows, V] ones (V = 4 chunks here)."""
+    cfg = Qwen3Config(**{**vars(TINY), "vocab_size": 4 * CHUNK})
+    counts = parameter_counts(cfg)
+    base = Setting(kind="rl", world=1, strategy="fsdp", precision="fp32", param_dtype="auto", chunk_size=16, keep=1,
+                   longest=40, prompts_per_step=8, n=4, prompt_tokens=10, new_tokens=30)  # 32 requests
+
+    def rollout(prompts=None, **changes):
+        return plan_phases(cfg, counts, Setting(**{**vars(base), **changes}), prompts)["rollout"]
+
+    results, random_numbers = rollout_results_bytes(32, 30), 8 * cfg.vocab_size // 128
+    assert rollout()["rollout_kv_cache"] == rollout_kv_cache_bytes(cfg, 32, 40, 4)
+    assert rollout()["rollout_working"] == results + 32 * (CHUNK * 12 + random_numbers)
+    assert rollout(plain_sampling=False)["rollout_working"] == results + 32 * cfg.vocab_size * 16
+    bounded = rollout(max_batch_tokens=100)
+    assert bounded["rollout_kv_cache"] == rollout_kv_cache_bytes(cfg, 2, 40, 4)
+    assert bounded["rollout_working"] == results + 2 * (CHUNK * 12 + random_numbers)
+    assert rollout(1000, max_batch_tokens=100)["rollout_kv_cache"] == bounded["rollout_kv_cache"]
+    # what the bounded rollout needs for 8 prompts per rank does not hold the unbounded one's for 1
+    budget = sum(bounded.values())
+    assert largest_prompts_per_rank(cfg, counts, Setting(**{**vars(base), "max_batch_tokens": 100}), budget) == 8
+    assert largest_prompts_per_rank(cfg, counts, base, budget) is None
 
 
 @pytest.mark.parametrize("dtype,backend,weights", [("fp32", "torch", 0), ("bf16", "torch", 2), ("fp32", "vllm", 4),
@@ -147,9 +221,21 @@ def test_the_rollout_phase_holds_the_weights_the_backend_samples_from(dtype, bac
     rollout = plan_phases(TINY, counts, s)["rollout"]
     assert rollout["rollout_weights"] == weights * counts.total
     if backend == "vllm":
-        assert rollout["rollout_kv_cache"] == 10**6
-    else:
+        assert rollout["rollout_kv_cache"] == 10**6 and rollout["rollout_decode_weights"] == 0
+    else:  # and the engine's fused decoding copy of the weights it samples from, in its dtype
         assert rollout["rollout_kv_cache"] == rollout_kv_cache_bytes(TINY, 12, 40, 2 if dtype == "bf16" else 4)
+        assert rollout["rollout_decode_weights"] == decode_weight_bytes(TINY, 2 if dtype == "bf16" else 4)
+
+
+def test_the_rollout_setting_takes_max_batch_tokens_and_plain_sampling_from_the_rl_config():
+    def setting(*overrides):
+        kind, cfg = load_training_config(str(ROOT / "configs/rl_tiny.yaml"), list(overrides), "rl")
+        return setting_from_config(kind, cfg, ARCHITECTURES["qwen3-0.6b"], 1, "fused", None)
+
+    assert (setting().max_batch_tokens, setting().plain_sampling) == (0, True)  # temperature 1, no top-k/top-p
+    assert setting("rollout.max_batch_tokens=1000").max_batch_tokens == 1000
+    for filtered in ("rollout.temperature=0.7", "rollout.top_k=20", "rollout.top_p=0.9"):
+        assert not setting(filtered).plain_sampling
 
 
 def test_compute_mode_follows_the_distributed_config():
@@ -272,6 +358,45 @@ def test_predicted_activation_peak_is_within_tolerance_of_the_measured_one(name,
     assert (1 - UNDER) * measured <= predicted <= (1 + OVER) * measured, (predicted / 2**20, measured / 2**20)
 
 
+# ------------------------------------------------------------------------------------ measured rollout
+
+SAMPLER = Qwen3Config(vocab_size=2 * CHUNK, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1e6,
+                      max_position_embeddings=512)
+SCORES = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=512)
+# (name, config, prompts, n, prompt tokens, new tokens, max_batch_tokens, temperature, dtype): what dominates is the
+# plain sampler's chunks (2 of them), the same in 2 slots, the filtered sampler's [rows, V], the attention's scores
+ROLLOUT_POINTS = [
+    ("chunks", SAMPLER, 3, 4, 10, 30, None, 1.0, torch.float32),
+    ("chunks-2-slots-bf16", SAMPLER, 3, 4, 10, 30, 100, 1.0, torch.bfloat16),
+    ("vocabulary", SAMPLER, 3, 4, 10, 30, None, 0.7, torch.float32),
+    ("scores", SCORES, 4, 8, 64, 64, None, 1.0, torch.float32),
+]
+
+
+@pytest.mark.parametrize("name,cfg,prompts,n,prompt_tokens,new_tokens,max_batch_tokens,temperature,dtype",
+                         ROLLOUT_POINTS, ids=[p[0] for p in ROLLOUT_POINTS])
+def test_predicted_rollout_peak_is_within_tolerance_of_the_measured_one(
+        name, cfg, prompts, n, prompt_tokens, new_tokens, max_batch_tokens, temperature, dtype, monkeypatch):
+    """engine.generate's peak above the model's weights, with the weights laid out as on a GPU (no oneDNN
+    packing), against the plan's KV cache, working set and decoding copies of the weights."""
+    monkeypatch.setattr("forkflow.rollout.weights.packs", lambda weight: False)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    model.init_weights()
+    model = model.to(dtype)
+    ids = [torch.randint(0, cfg.vocab_size, (prompt_tokens,)).tolist() for _ in range(prompts)]
+    params = SamplingParams(n=n, max_new_tokens=new_tokens, temperature=temperature)  # no stop: every row runs
+    tracker = AllocatedBytes()
+    with tracker:
+        generate(model, ids, params, max_batch_tokens=max_batch_tokens)
+    b = dtype.itemsize
+    plan = rollout_bytes(cfg, prompts, n, prompt_tokens, new_tokens, "fused", b, max_batch_tokens or 0, params.plain)
+    predicted = sum(plan.values()) + decode_weight_bytes(cfg, b)
+    assert (1 - UNDER) * tracker.peak <= predicted <= (1 + OVER) * tracker.peak, (predicted, tracker.peak)
+
+
 # ------------------------------------------------------------------------------ sharded state, 2 ranks
 
 
@@ -368,11 +493,11 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("name", ["8b_top20", "8b_all", "14b_top20", "14b_all"])
 def test_the_paper_configs_say_what_the_planner_finds(name, capsys):
-    """Each shipped DAPO config's header: it fits 8 x 80 GiB (the rollout on vLLM in bf16); with the built-in
-    torch rollout it fits no number of 80 GiB GPUs."""
+    """Each shipped DAPO config's header: it fits 8 x 80 GiB (the rollout on vLLM in bf16). The built-in torch
+    rollout does not fit 8 x 80 GiB with every request's KV cache at once; with rollout.max_batch_tokens bounding
+    it to 2 slots of 2048 + 20480 tokens it does."""
     path = ROOT / "configs" / f"dapo_qwen3_{name}.yaml"
-    header = path.read_text()
-    assert "it fits 8 x 80 GiB" in header and "built-in torch rollout does NOT fit" in header
+    assert "it fits 8 x 80 GiB" in path.read_text()
     arch = "qwen3-" + name.split("_")[0]
     argv = ["plan", str(path), "--arch", arch, "--gpus", "8", "--gpu-memory", "80GiB", "--json"]
     assert cli_main(argv) == 0
@@ -380,5 +505,8 @@ def test_the_paper_configs_say_what_the_planner_finds(name, capsys):
     assert record["fits"] and max(record["totals"].values()) <= 80 * 2**30
     assert cli_main([*argv, "rollout.backend=torch"]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["totals"]["training"] <= 80 * 2**30 < record["totals"]["rollout"]
-    assert not record["fits"] and record["min_gpus"] is None
+    assert record["totals"]["training"] <= 80 * 2**30 < record["totals"]["rollout"] and not record["fits"]
+    assert record["rollout_slots"] == record["rollout_rows"] == 64 * 16
+    assert cli_main([*argv, "rollout.backend=torch", f"rollout.max_batch_tokens={2 * 22528}"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["fits"] and record["rollout_slots"] == 2

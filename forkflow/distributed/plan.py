@@ -5,9 +5,10 @@ A run goes through up to three phases, each with its own peak (the run's peak is
   training  the ChunkFlow forward/backward of an update: sharded fp32 state, FSDP's gathered weights,
             the activations of K chunks, the K/V leaves of the longest sequence, the LM-head chunk;
   step      the AdamW step: the fp32 state plus one parameter-sized temporary;
-  rollout   (RL) the rollout's whole weights and KV cache (forkflow's engine: a static cache of every row;
-            vLLM: its own copy of the weights and the paged cache `rollout.vllm_kv_cache_gb` it reserves);
-            gradients are freed.
+  rollout   (RL) the rollout's whole weights and KV cache (forkflow's engine: its decoding copy of the
+            weights and a cache of one slot per row decoding at once, `rollout.max_batch_tokens` bounding
+            them; vLLM: its own copy of the weights and the paged cache `rollout.vllm_kv_cache_gb` it
+            reserves); gradients are freed.
 Every formula is a small function below whose docstring states it; the per-token activation constants were
 derived from what autograd saves in `forkflow.models.qwen3` and checked against measured peaks
 (tests/test_plan.py; `python -m tests.test_plan` prints the table). Byte counts are per GPU.
@@ -30,6 +31,7 @@ from forkflow.config import ConfigError, load_config
 from forkflow.models.checkpoint import CheckpointError, read_config, read_config_file
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from forkflow.ops import DEFAULT_CHUNK_SIZE
+from forkflow.rollout.sampling import BLOCK, CHUNK, SamplingParams
 
 GiB = 2**30
 FP32 = 4
@@ -280,49 +282,97 @@ def rollout_weight_bytes(counts: ParameterCounts, dtype_bytes: int) -> int:
     return dtype_bytes * counts.total
 
 
+def decode_weight_bytes(cfg: Qwen3Config, dtype_bytes: int) -> int:
+    """The torch engine's decoding layout of the weights it samples from (weights.DecodeWeights, made for a
+    rollout and dropped by the backend's release), on a GPU: per layer the fused q/k/v
+    [(heads + 2 · kv_heads) · head_dim, H], the q/k norm weights per head [heads + kv_heads, head_dim] and, in a
+    dense layer, the fused gate/up [2 · intermediate, H] are torch.cat copies; o, down and the LM head's chunks
+    are the weights themselves (views):
+        dtype bytes · (layers · ((heads + 2 · kv_heads) · H + heads + kv_heads) · head_dim
+                       + dense layers · 2 · intermediate · H)."""
+    heads, kv, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    attention = ((heads + 2 * kv) * H + heads + kv) * cfg.head_dim
+    dense = sum(not cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers))
+    return dtype_bytes * (cfg.num_hidden_layers * attention + dense * 2 * cfg.intermediate_size * H)
+
+
+def rollout_slots(requests: int, slot_tokens: int, max_batch_tokens: int) -> int:
+    """The rows that decode at once, each holding a KV-cache slot of slot_tokens = longest prompt + longest
+    response (engine.batch_slots): all P · n requests without a bound (rollout.max_batch_tokens 0), else
+    min(P · n, max_batch_tokens // slot_tokens)."""
+    return min(requests, max_batch_tokens // slot_tokens) if max_batch_tokens else requests
+
+
 def rollout_kv_cache_bytes(cfg: Qwen3Config, rows: int, length: int, dtype_bytes: int) -> int:
-    """The engine's StaticKVCache: every row of the call holds (longest prompt + longest response) tokens:
+    """A KV cache of `rows` rows of `length` tokens (the engine's SlotKVCache: slots of longest prompt +
+    longest response tokens; a prompt's prefill cache: 1 row of its tokens):
         2 · layers · kv_heads · head_dim · rows · length · dtype bytes."""
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * rows * length * dtype_bytes
 
 
-def rollout_decode_bytes(cfg: Qwen3Config, rows: int, max_new_tokens: int) -> int:
-    """Decoding's working set beside the cache: the last position's fp32 logits and three [rows, V]
-    temporaries of sampling (scaled logits, probabilities, their cumsum), and the per-token outputs
-    (3 fp32 + 1 int64 per slot): rows · V · 16 + rows · max_new_tokens · 20."""
-    return rows * cfg.vocab_size * 4 * FP32 + rows * max_new_tokens * (3 * FP32 + 8)
-
-
-def rollout_prefill_bytes(cfg: Qwen3Config, prompts: int, width: int, attention: Attention, dtype_bytes: int
-                          ) -> int:
-    """The prefill runs all the rank's prompts at once ([P, W], left-padded), without gradient; its peak is
-    one layer's temporaries: prompts · W · (3 · mlp width + 4 · H + 2 · heads · head_dim) · b, plus the
-    additive mask P · W² · b (and, with the math kernel, P · heads · W² · 4 · 2 of scores and probabilities),
-    b the rollout's dtype bytes. mlp width = intermediate (dense) or k · moe_intermediate (MoE)."""
+def rollout_layer_bytes(cfg: Qwen3Config, tokens: int, dtype_bytes: int) -> int:
+    """One decoder layer's temporaries in a no-grad forward of `tokens` tokens (the peak of a forward; the
+    layers run one after the other): tokens · (3 · mlp width + 4 · H + 2 · heads · head_dim) · b, b the
+    rollout's dtype bytes, mlp width = intermediate (dense) or k · moe_intermediate (MoE)."""
     mlp = cfg.num_experts_per_tok * cfg.moe_intermediate_size if cfg.is_moe else cfg.intermediate_size
-    tokens = prompts * width
-    layer = tokens * (3 * mlp + 4 * cfg.hidden_size + 2 * cfg.num_attention_heads * cfg.head_dim) * dtype_bytes
-    mask = prompts * width * width * dtype_bytes
-    scores = 2 * prompts * cfg.num_attention_heads * width * width * FP32 if attention == "math" else 0
-    return layer + mask + scores
+    return tokens * (3 * mlp + 4 * cfg.hidden_size + 2 * cfg.num_attention_heads * cfg.head_dim) * dtype_bytes
 
 
-def rollout_bytes(cfg: Qwen3Config, prompts: int, n: int, prompt_tokens: int, new_tokens: int,
-                  attention: Attention, dtype_bytes: int) -> dict[str, int]:
-    """forkflow's engine's memory beside the weights: the larger of the prefill (P-row cache + prefill) and the
-    decoding (P · n-row cache + decoding working set), as {kv_cache, working}."""
+def rollout_prefill_bytes(cfg: Qwen3Config, prompt_tokens: int, attention: Attention, dtype_bytes: int) -> int:
+    """A prompt is prefilled alone when its first sample is admitted (batch 1, its own W tokens, no padding: a
+    causal forward without a mask): rollout_layer_bytes(W), with the math kernel also heads · W² · 4 · 2 of
+    scores and probabilities, and two 1-row caches of W tokens (rollout_kv_cache_bytes(1, W) each): the
+    prompt's own and the previous prompt's (engine.RequestQueue still holds it while the next is prefilled)."""
+    scores = 2 * cfg.num_attention_heads * prompt_tokens**2 * FP32 if attention == "math" else 0
+    caches = 2 * rollout_kv_cache_bytes(cfg, 1, prompt_tokens, dtype_bytes)
+    return rollout_layer_bytes(cfg, prompt_tokens, dtype_bytes) + scores + caches
+
+
+def rollout_decode_bytes(cfg: Qwen3Config, rows: int, length: int, dtype_bytes: int, plain: bool) -> int:
+    """A decoding step for `rows` rows whose caches hold up to `length` tokens: the larger of its forward and
+    its sampling, with b' = 2 for bf16 (a product cast to fp32 beside its fp32 copy), 0 for fp32:
+      forward   rollout_layer_bytes(rows) plus the step's additive mask over `length` keys in the rollout's
+                dtype, rows · length · b (engine.decode_attention's SDPA holds no scores);
+      sampling  with plain sampling (temperature 1, no top-k or top-p: sampling.sample_plain) the LM head in
+                chunks of W = min(sampling.CHUNK, V) tokens, a chunk's fp32 logits, their exp and the entropy's
+                product of the two, beside the step's fp32 random numbers (2 per block of sampling.BLOCK
+                tokens): rows · (W · (12 + b') + 8 · ceil(V / BLOCK)); otherwise the [rows, V] fp32 logits,
+                scaled logits, probabilities and their cumsum: rows · V · 4 · 4."""
+    cast = dtype_bytes if dtype_bytes < FP32 else 0
+    forward = rollout_layer_bytes(cfg, rows, dtype_bytes) + rows * length * dtype_bytes
+    if plain:
+        uniforms = 2 * FP32 * math.ceil(cfg.vocab_size / BLOCK)
+        sampling = rows * (min(CHUNK, cfg.vocab_size) * (3 * FP32 + cast) + uniforms)
+    else:
+        sampling = rows * cfg.vocab_size * 4 * FP32
+    return max(forward, sampling)
+
+
+def rollout_results_bytes(requests: int, new_tokens: int) -> int:
+    """Every request's tokens (int64) and three fp32 statistics per token, held for the whole call:
+    P · n · max_new_tokens · (3 · 4 + 8)."""
+    return requests * new_tokens * (3 * FP32 + 8)
+
+
+def rollout_bytes(cfg: Qwen3Config, prompts: int, n: int, prompt_tokens: int, new_tokens: int, attention: Attention,
+                  dtype_bytes: int, max_batch_tokens: int, plain: bool) -> dict[str, int]:
+    """forkflow's engine's memory beside the weights, as {kv_cache, working}: the SlotKVCache of
+    S = rollout_slots(P · n, prompt_tokens + new_tokens, max_batch_tokens) slots, the results of the P · n
+    requests, and the larger of a prompt's prefill and an S-row decoding step (they alternate while the slots
+    and the results are held)."""
     length = prompt_tokens + new_tokens
-    prefill = {"kv_cache": rollout_kv_cache_bytes(cfg, prompts, length, dtype_bytes),
-               "working": rollout_prefill_bytes(cfg, prompts, prompt_tokens, attention, dtype_bytes)}
-    decode = {"kv_cache": rollout_kv_cache_bytes(cfg, prompts * n, length, dtype_bytes),
-              "working": rollout_decode_bytes(cfg, prompts * n, new_tokens)}
-    return max(prefill, decode, key=lambda phase: sum(phase.values()))
+    slots = rollout_slots(prompts * n, length, max_batch_tokens)
+    step = max(rollout_prefill_bytes(cfg, prompt_tokens, attention, dtype_bytes),
+               rollout_decode_bytes(cfg, slots, length, dtype_bytes, plain))
+    return {"kv_cache": rollout_kv_cache_bytes(cfg, slots, length, dtype_bytes),
+            "working": rollout_results_bytes(prompts * n, new_tokens) + step}
 
 
 def vllm_rollout_bytes(cfg: Qwen3Config, rows: int, kv_cache: int) -> dict[str, int]:
     """vLLM's memory beside its weights: the paged KV cache it reserves (`rollout.vllm_kv_cache_gb`; requests
     beyond it wait in its queue, they do not grow it) and one decoding step's logits for the rows it runs
-    together (at most VLLM_MAX_SEQS): min(rows, 256) · V · 4 · 4, as the torch engine's step."""
+    together (at most VLLM_MAX_SEQS): min(rows, 256) · V · 4 · 4, as the torch engine's step with [rows, V]
+    logits."""
     return {"kv_cache": kv_cache, "working": min(rows, VLLM_MAX_SEQS) * cfg.vocab_size * 4 * FP32}
 
 
@@ -351,6 +401,8 @@ class Setting:
     rollout_backend: Literal["torch", "vllm"] = "torch"
     rollout_dtype_bytes: int = FP32  # rollout.dtype
     vllm_kv_cache: int = 0  # rollout.vllm_kv_cache_gb in bytes
+    max_batch_tokens: int = 0  # rollout.max_batch_tokens (torch backend), 0: no bound
+    plain_sampling: bool = True  # rollout temperature 1, top_k 0, top_p 1: sampled without [rows, V] logits
 
     @property
     def sharded(self) -> bool:
@@ -402,12 +454,14 @@ def plan_phases(cfg: Qwen3Config, counts: ParameterCounts, s: Setting,
             generation = vllm_rollout_bytes(cfg, prompts * s.n, s.vllm_kv_cache)
         else:
             generation = rollout_bytes(cfg, prompts, s.n, s.prompt_tokens, s.new_tokens, s.attention,
-                                       s.rollout_dtype_bytes)
+                                       s.rollout_dtype_bytes, s.max_batch_tokens, s.plain_sampling)
         # the policy itself is sampled from only by an fp32 torch rollout of an unsharded model
         own_weights = s.rollout_backend == "vllm" or s.sharded or s.rollout_dtype_bytes != FP32
         phases["rollout"] = {
             "parameters": state["parameters"], "optimizer": state["optimizer"],  # gradients are freed
             "rollout_weights": rollout_weight_bytes(counts, s.rollout_dtype_bytes) if own_weights else 0,
+            "rollout_decode_weights": 0 if s.rollout_backend == "vllm" else decode_weight_bytes(
+                cfg, s.rollout_dtype_bytes),
             "rollout_kv_cache": generation["kv_cache"], "rollout_working": generation["working"],
             **({"reference_model": FP32 * local} if s.reference else {}),
         }
@@ -540,8 +594,9 @@ LABELS = {
     "lm_head_chunk": "LM-head log-prob/entropy chunk",
     "weight_gradient": "largest weight gradient in flight",
     "rollout_weights": "rollout whole weights",
+    "rollout_decode_weights": "rollout decoding copies (fused q/k/v, gate/up)",
     "rollout_kv_cache": "rollout KV cache",
-    "rollout_working": "rollout prefill/decode working set",
+    "rollout_working": "rollout results + prefill/decode working set",
 }
 
 
@@ -602,7 +657,9 @@ def setting_from_config(kind: str, cfg, arch: Qwen3Config, gpus: int, attention:
                        prompt_tokens=cfg.data.max_prompt_tokens, new_tokens=r.max_new_tokens,
                        reference=cfg.algo.kl_coef > 0, rollout_backend=r.backend,
                        rollout_dtype_bytes=BF16 if r.dtype == "bf16" else FP32,
-                       vllm_kv_cache=int(r.vllm_kv_cache_gb * GiB), **common)
+                       vllm_kv_cache=int(r.vllm_kv_cache_gb * GiB), max_batch_tokens=r.max_batch_tokens,
+                       plain_sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k).plain,
+                       **common)
     return Setting("sft", longest=max_seq_len or arch.max_position_embeddings, **common)
 
 
@@ -618,7 +675,10 @@ def plan_record(config_path: str, kind: str, arch: Qwen3Config, source: str, s: 
         "compute": compute_mode(s), "attention": s.attention, "chunk_size": s.chunk_size, "keep": s.keep,
         "longest_sequence": s.longest,
         **({"prompts_per_rank": s.prompts_per_rank, "rollout_rows": s.prompts_per_rank * s.n,
-            "rollout_tokens_per_row": s.prompt_tokens + s.new_tokens} if kind == "rl" else {}),
+            "rollout_tokens_per_row": s.prompt_tokens + s.new_tokens,
+            "rollout_slots": rollout_slots(s.prompts_per_rank * s.n, s.prompt_tokens + s.new_tokens,
+                                           s.max_batch_tokens) if s.rollout_backend == "torch" else None}
+           if kind == "rl" else {}),
         "phases": phases, "totals": {name: sum(parts.values()) for name, parts in phases.items()},
         "peak_bytes": v.peak_bytes, "peak_phase": v.peak_phase, "fits": v.fits,
         "suggested_chunk_size": v.chunk_size, "suggested_prompts_per_rank": v.prompts_per_rank,
@@ -639,8 +699,9 @@ def format_table(record: dict) -> str:
         f"keep {record['keep']}, longest sequence {record['longest_sequence']} tokens",
     ]
     if record["kind"] == "rl":
+        slots = record["rollout_slots"]
         lines.append(f"rollout: {record['prompts_per_rank']} prompts per rank, {record['rollout_rows']} rows x "
-                     f"{record['rollout_tokens_per_row']} tokens")
+                     f"{record['rollout_tokens_per_row']} tokens" + (f", {slots} decoding at once" if slots else ""))
     lines += ["", f"{'GiB per GPU':<{width}}" + "".join(f"{p:>10}" for p in names)]
     for k in components:
         cells = [f"{phases[p][k] / GiB:>10.2f}" if k in phases[p] else f"{'-':>10}" for p in names]

@@ -142,9 +142,9 @@ class SlotKVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's RMSNorm (normalised in fp32, cast back, then times the weight) with F.rms_norm's one
-    kernel for the normalisation: the same numbers in four ops instead of eight."""
-    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    """The model's RMSNorm (normalised in fp32, rounded to x's dtype, then times the weight) in two ops
+    instead of eight: F.rms_norm's kernel normalises in fp32 and rounds. weight broadcasts against x."""
+    return F.rms_norm(x, x.shape[-1:], eps=eps).mul_(weight)
 
 
 def decode_attention(
@@ -153,15 +153,15 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention.forward for one query per row, x [B, 1, hidden]. q and k are normalised and rotated together
     (one op each for both); each key/value head's G query heads are G query rows of that head
-    ([B, KV, G, D]), so its keys and values are read once for all G, with scores and softmax in fp32 (for
-    these few queries two batched matmuls beat the SDPA kernel, 1.2-1.6x on CPU)."""
+    ([B, KV, G, D]): SDPA then reads each key/value head once for all G, with the result of enable_gqa,
+    which reads it G times (4-5x slower in bf16 at Qwen3-0.6B's shape on CPU). (Two batched matmuls would
+    copy the cache's strided [:B, :, :width] view in bf16, 2-5x slower than SDPA.)"""
     B, KV, D, heads = x.shape[0], attn.num_kv_heads, attn.head_dim, attn.num_heads
     qk, v = w.qkv(x).view(B, heads + 2 * KV, D).split([heads + KV, KV], dim=1)
     qk = apply_rope(rms_norm(qk, w.qk_norm, w.eps), cos, sin)
     q, k = qk[:, :heads].reshape(B, KV, heads // KV, D), qk[:, heads:, None]
     keys, values = cache.update(layer, k, v[:, :, None], slot, width)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(D**-0.5).add_(bias)  # [B, KV, G, width]
-    out = torch.matmul(scores.softmax(-1).to(values.dtype), values)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=D**-0.5)
     return w.o(out.reshape(B, 1, -1))
 
 
@@ -184,7 +184,7 @@ def decode(
     x = model.model.embed_tokens(tokens[:, None])
     cos, sin = (t[:, 0] for t in rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta, x.dtype))
     unseen = torch.arange(width, device=positions.device) > positions[:, None]  # [B, width]
-    bias = torch.zeros((), device=x.device).masked_fill(unseen, float("-inf"))[:, None, None]  # fp32 scores'
+    bias = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(unseen, float("-inf"))[:, None, None]
     slot = (torch.arange(len(positions), device=positions.device), positions)
     for index, (layer, w) in enumerate(zip(model.model.layers, weights.layers, strict=True)):
         h = rms_norm(x, layer.input_layernorm.weight, w.eps)

@@ -430,7 +430,9 @@ class RLTrainer:
         The engine's `entropies` are H(softmax(z/T)) of the unfiltered distribution, always that quantity.
         Its `logprobs` are log softmax(z)[token], T = 1 and unfiltered: the quantity when T = 1. Its
         `sample_logprobs` are of the distribution actually sampled, after top-k / top-p: the quantity when
-        nothing is filtered. A bf16 update computes its own under autocast while the rollout runs in fp32;
+        nothing is filtered. On CPU the engine's fp32 matmuls are oneDNN's on prepacked weights where the
+        trainer's are MKL's: the same quantities to float rounding (1e-6 relative; the tests compare to 1e-5).
+        A bf16 update computes its own under autocast while the rollout runs in fp32;
         the gap (bf16 rounding) would read as a policy change, so bf16 always recomputes; so do bf16 rollouts
         and vLLM (other kernels; it computes no entropies).
         """

@@ -145,7 +145,8 @@ def test_rollout_formulas_by_hand():
     prefill = rollout_layer_bytes(TINY, 10, 4) + 2 * rollout_kv_cache_bytes(TINY, 1, 10, 4)
     assert rollout_prefill_bytes(TINY, 10, "fused", 4) == prefill
     assert rollout_prefill_bytes(TINY, 10, "math", 4) == prefill + 2 * 2 * 10 * 10 * 4  # fp32 scores, probabilities
-    # a decoding step of 12 rows over 40 cache columns: its forward (a layer's temporaries, the mask) or its sampling, four fp32 [rows, V] without plain sampling, three fp32
+    # a decoding step of 12 rows over 40 cache columns: its forward (a layer's temporaries, the mask) or its
+    # sampling, four fp32 [rows, V] without plain sampling, three fp32
     # [rows, min(CHUNK, V)] and 2 fp32 random numbers per 128-token block with it, whichever is larger
     forward = rollout_layer_bytes(TINY, 12, 4) + 12 * 40 * 4
     assert rollout_decode_bytes(TINY, 12, 40, 4, plain=False) == 12 * 101 * 16 > forward

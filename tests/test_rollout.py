@@ -23,7 +23,7 @@ from forkflow.rollout import (
 from forkflow.rollout.cli import main as generate_cli
 from forkflow.rollout.cli import max_new_tokens
 from forkflow.rollout.cli import parser as generate_parser
-from forkflow.rollout.sampling import BLOCK, CHUNK, keyed_uniforms, sample_plain
+from forkflow.rollout.sampling import BLOCK, CHUNK, keyed_uniforms, sample_plain, to_uniform
 from forkflow.rollout.weights import Head
 from forkflow.train.rl_data import load_rl_prompts
 from tests.test_train_rl import write_rl_setup
@@ -356,6 +356,32 @@ def test_max_batch_tokens_below_one_request_says_what_to_set(tiny_checkpoint):
     steps = []
     empty.generate(PROMPTS, params, on_step=lambda tokens, _: steps.append(tokens))
     assert set(steps) == {1}  # one slot: the requests decode one at a time
+
+
+def test_uniforms_are_never_0_or_1():
+    """The grid's ends: a uniform of 0 would draw the first block or token of any nonzero probability (before
+    the grid was shifted, tokens of probability e^-40 came once per ~13,000 draws over Qwen3's vocabulary)."""
+    ends = to_uniform(torch.tensor([0, 511, 512, 2**32 - 1]))
+    assert ends.tolist() == [2.0**-24, 2.0**-24, 3 * 2.0**-24, 1 - 2.0**-24]
+    u = keyed_uniforms(torch.arange(1000), torch.zeros(1000, dtype=torch.long), 300)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+def test_plain_sampling_never_draws_a_negligible_block_or_token():
+    """One token holds nearly all the mass of Qwen3's vocabulary (the others e^-40 below it, or beyond the
+    floor at e^-100, as most of a trained model's): with every uniform at its smallest (2^-24) the draw is that
+    token, in each of its chunk's positions, and S and H are exact (the floored logits add nothing visible)."""
+    vocab = 151936
+    for low in (-40.0, -100.0):
+        for winner in (0, 100, CHUNK + 5, vocab - 1):
+            logits = torch.full((vocab,), low)
+            logits[winner] = 0.0
+            uniforms = torch.full((1, 2 * -(-vocab // BLOCK)), 2.0**-24)
+            step = sample_plain(torch.ones(1, 1), Head(logits[:, None]), uniforms)
+            assert step.tokens.tolist() == [winner]
+            want = torch.log_softmax(logits.double(), -1)
+            assert step.log_normalizer.item() == pytest.approx(torch.logsumexp(logits.double(), -1).item(), abs=1e-6)
+            assert step.entropies.item() == pytest.approx(-(want.exp() * want).sum().item(), abs=1e-6)
 
 
 def test_plain_sampling_draws_softmax_over_blocks_and_chunks():

@@ -115,6 +115,9 @@ class SlotKVCache:
         # never-written memory may hold NaN (0 · NaN = NaN); a slot's earlier occupant leaves finite values
         self.keys = [weight.new_zeros(shape) for _ in range(cfg.num_hidden_layers)]
         self.values = [weight.new_zeros(shape) for _ in range(cfg.num_hidden_layers)]
+        # RoPE's cos and sin at every column [capacity, D], looked up by position at each step
+        positions = torch.arange(capacity, device=weight.device)[None]
+        self.cos, self.sin = (t[0, 0] for t in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, weight.dtype))
 
     def write_prompt(self, slots: slice, cache: KVCache) -> None:
         """Copy a prefilled prompt's keys/values ([1, KV, L, D] per layer) into columns [0, L) of `slots`."""
@@ -180,9 +183,8 @@ def decode(
     """One token per row, tokens [B] at positions [B] (width = max(positions) + 1) -> the final hidden
     states [B, H]: Qwen3ForCausalLM.forward's decoder stack with the projections of `weights`, each row at
     its own position in its own cache slot, seeing its columns 0..position."""
-    cfg = model.config
     x = model.model.embed_tokens(tokens[:, None])
-    cos, sin = (t[:, 0] for t in rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta, x.dtype))
+    cos, sin = cache.cos[positions, None], cache.sin[positions, None]  # [B, 1, D]
     unseen = torch.arange(width, device=positions.device) > positions[:, None]  # [B, width]
     bias = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(unseen, float("-inf"))[:, None, None]
     slot = (torch.arange(len(positions), device=positions.device), positions)

@@ -171,15 +171,22 @@ def sample_keys(seed: int, prompt_keys: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def keyed_uniforms(keys: torch.Tensor, counters: torch.Tensor, draws: int | None = None) -> torch.Tensor:
-    """Uniform numbers in [0, 1) (24 random bits, exact in float32), a hash of the row's stream key [B] and
-    its counter [B] (the index of the token being drawn): one per row [B], or `draws` per row [B, draws]
-    (number j also hashes j). Counter-based, like Philox: the numbers a sample gets at a position do not
-    depend on the batch it is drawn in, the other rows, or the rank."""
+    """Uniform numbers in (0, 1), a hash of the row's stream key [B] and its counter [B] (the index of the
+    token being drawn): one per row [B], or `draws` per row [B, draws] (number j also hashes j). Counter-based,
+    like Philox: the numbers a sample gets at a position do not depend on the batch it is drawn in, the other
+    rows, or the rank. See `to_uniform` for their grid."""
     h = _mix(keys ^ _mix(counters + 0x1B873593))
     if draws is not None:
         h = _mix(h[:, None] ^ _mix(torch.arange(draws, device=h.device) + 0x2F6B1C3D))
-    h = _mix(h + 0x5BD1E995)
-    return (h >> 8).to(torch.float32) * 2.0**-24
+    return to_uniform(_mix(h + 0x5BD1E995))
+
+
+def to_uniform(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> the midpoints of 2^23 equal cells of (0, 1): (k + 1/2) · 2^-23 for the top 23 bits k,
+    exact in float32, from 2^-24 to 1 - 2^-24. Never 0: a draw with u = 0 would pick the first token (or
+    block) of nonzero probability, however small (`sample_plain` then chose tokens of probability e^-40 once
+    per ~13,000 draws over Qwen3's vocabulary); never 1, which no test u < p passes."""
+    return ((h >> 9).to(torch.float32) + 0.5) * 2.0**-23
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -246,6 +253,9 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.
 
 
 BLOCK = 128  # vocabulary tokens per block of `sample_plain`'s draw (Qwen3's 151,936 = 1187 blocks)
+# `sample_plain` raises logits more than 87 nats below the running maximum to it before exp: exp is 4-18x slower
+# on CPU where its result is subnormal or underflows (below e^-87.3), which is most of a trained model's vocabulary
+EXP_FLOOR = -87.0
 CHUNK = 256 * BLOCK  # vocabulary tokens of a chunk of the LM head: `sample_plain` holds [B, 32768] logits at once
 
 
@@ -255,7 +265,7 @@ def _blocks(vocab: int) -> int:
 
 def _block_logits(logits: torch.Tensor) -> torch.Tensor:
     """A chunk's logits [B, c] -> [B, ceil(c / BLOCK), BLOCK] in the statistics' dtype, the last block padded
-    with the dtype's lowest value (probability 0, and 0 · it stays finite, unlike -inf)."""
+    with the dtype's lowest value (finite, unlike -inf; `sample_plain` floors it like any negligible logit)."""
     dtype = statistics_dtype(logits.dtype)
     logits = logits.to(dtype)
     pad = -logits.shape[1] % BLOCK
@@ -276,6 +286,12 @@ def sample_plain(hidden: torch.Tensor, head: Head, uniforms: torch.Tensor) -> St
     kept relative to the running maximum logit M (online softmax): S = Σ exp(z - M) and
     D = Σ exp(z - M)(z - M) give lse = M + log S and H = log S - D / S, without cancelling large terms.
     The blocks, and so the draw, do not depend on the batch.
+
+    Logits below M + EXP_FLOOR (and the padding of the last block) count as M + EXP_FLOOR: each then adds
+    e^-87 (relative to the largest probability) to S and D, far below float32's resolution of either, and
+    can never be drawn: a block is drawn when u < w_j / W_j and a token when u falls in its slice of the
+    block's CDF, with u >= 2^-24 (`to_uniform`), so no block or token of share below 2^-24 is drawn
+    (float32's own resolution of a probability next to 1).
     """
     B, dtype = hidden.shape[0], statistics_dtype(head.weight.dtype)
     uniforms = uniforms.view(B, -1, 2)
@@ -288,7 +304,7 @@ def sample_plain(hidden: torch.Tensor, head: Head, uniforms: torch.Tensor) -> St
         z = _block_logits(projection(hidden))  # [B, k, BLOCK]
         k = z.shape[1]
         new_M = torch.maximum(M, z.amax((1, 2)))
-        y = z.sub_(new_M[:, None, None])
+        y = z.sub_(new_M[:, None, None]).clamp_min_(EXP_FLOOR)
         e = y.exp()
         w = e.sum(-1)  # [B, k] block masses relative to new_M
         rescale = (M - new_M).exp_()

@@ -58,8 +58,8 @@ from forkflow.distributed.plan import (
 )
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from forkflow.rollout.engine import generate
-from forkflow.rollout.sampling import CHUNK, SamplingParams
-from forkflow.rollout.weights import DecodeWeights
+from forkflow.rollout.sampling import SamplingParams
+from forkflow.rollout.weights import CHUNK, DecodeWeights
 from tests.test_sft import ROOT
 
 TINY = Qwen3Config(vocab_size=101, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,

@@ -23,8 +23,8 @@ from forkflow.rollout import (
 from forkflow.rollout.cli import main as generate_cli
 from forkflow.rollout.cli import max_new_tokens
 from forkflow.rollout.cli import parser as generate_parser
-from forkflow.rollout.sampling import BLOCK, CHUNK, keyed_uniforms, sample_plain, to_uniform
-from forkflow.rollout.weights import Head
+from forkflow.rollout.sampling import BLOCK, keyed_uniforms, sample_plain, to_uniform
+from forkflow.rollout.weights import CHUNK, Head
 from forkflow.train.rl_data import load_rl_prompts
 from tests.test_train_rl import write_rl_setup
 

@@ -31,7 +31,8 @@ from forkflow.config import ConfigError, load_config
 from forkflow.models.checkpoint import CheckpointError, read_config, read_config_file
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from forkflow.ops import DEFAULT_CHUNK_SIZE
-from forkflow.rollout.sampling import BLOCK, CHUNK, SamplingParams
+from forkflow.rollout.sampling import BLOCK, SamplingParams
+from forkflow.rollout.weights import CHUNK
 
 GiB = 2**30
 FP32 = 4
@@ -334,7 +335,7 @@ def rollout_decode_bytes(cfg: Qwen3Config, rows: int, length: int, dtype_bytes: 
       forward   rollout_layer_bytes(rows) plus the step's additive mask over `length` keys in the rollout's
                 dtype, rows · length · b (engine.decode_attention's SDPA holds no scores);
       sampling  with plain sampling (temperature 1, no top-k or top-p: sampling.sample_plain) the LM head in
-                chunks of W = min(sampling.CHUNK, V) tokens, a chunk's fp32 logits, their exp and the entropy's
+                chunks of W = min(weights.CHUNK, V) tokens, a chunk's fp32 logits, their exp and the entropy's
                 product of the two, beside the step's fp32 random numbers (2 per block of sampling.BLOCK
                 tokens): rows · (W · (12 + b') + 8 · ceil(V / BLOCK)); otherwise the [rows, V] fp32 logits,
                 scaled logits, probabilities and their cumsum: rows · V · 4 · 4."""

@@ -5,14 +5,11 @@ sampling at temperature 1, RLVR's setting, in one vocabulary-chunked pass)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from forkflow.ops import log_normalizer_and_entropy, statistics_dtype
-
-if TYPE_CHECKING:
-    from forkflow.rollout.weights import Head
+from forkflow.rollout.weights import Head
 
 # the forking-token paper: 80th percentile of Qwen3-8B's chain-of-thought token entropy on AIME
 PAPER_ENTROPY_THRESHOLD = 0.672
@@ -252,11 +249,10 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.
     return StepChoice(tokens, sample_logprobs, log_normalizer, entropies)
 
 
-BLOCK = 128  # vocabulary tokens per block of `sample_plain`'s draw (Qwen3's 151,936 = 1187 blocks)
+BLOCK = 128  # vocabulary tokens per block of `sample_plain`'s draw (Qwen3's 151,936: 1187; divides weights.CHUNK)
 # `sample_plain` raises logits more than 87 nats below the running maximum to it before exp: exp is 4-18x slower
 # on CPU where its result is subnormal or underflows (below e^-87.3), which is most of a trained model's vocabulary
 EXP_FLOOR = -87.0
-CHUNK = 256 * BLOCK  # vocabulary tokens of a chunk of the LM head: `sample_plain` holds [B, 32768] logits at once
 
 
 def _blocks(vocab: int) -> int:
@@ -276,7 +272,7 @@ def _block_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def sample_plain(hidden: torch.Tensor, head: Head, uniforms: torch.Tensor) -> StepChoice:
     """A token from softmax(hidden · Wᵀ) per row, with that distribution's logsumexp and entropy, in one pass
-    over the vocabulary, one chunk of the head (CHUNK logits) at a time: no [B, V] tensor, where
+    over the vocabulary, one chunk of the head (weights.CHUNK logits) at a time: no [B, V] tensor, where
     `choose_tokens` makes ~10 passes over [B, V] ones. uniforms [B, 2 · blocks] (`keyed_uniforms`).
 
     The draw is reservoir sampling over blocks of BLOCK tokens: the candidate is replaced by a draw from block

@@ -1,6 +1,6 @@
 """The rollout's weights laid out for its decoding step: per layer the q, k, v projections as one matrix and
 the MLP's gate and up as one (vLLM's QKV / merged-column layout: one matmul each instead of three and two),
-and the LM head in vocabulary chunks of `sampling.CHUNK` rows, the chunks `sample_plain` walks.
+and the LM head in vocabulary chunks of CHUNK rows, the chunks `sampling.sample_plain` walks.
 
 On CPU every matrix is also prepacked, once per set of weights, into oneDNN's blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does): at decoding's small batches
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from forkflow.models.qwen3 import MLP, Qwen3ForCausalLM
-from forkflow.rollout.sampling import CHUNK
 
 PACK_BATCH = 16  # the batch oneDNN picks its blocked layout for (every batch runs on it)
+# vocabulary rows of a chunk of the LM head, 256 of `sampling.sample_plain`'s blocks of 128: it holds [B, CHUNK] logits
+CHUNK = 32768
 
 
 def packs(weight: torch.Tensor) -> bool:

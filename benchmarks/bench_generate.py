@@ -28,11 +28,12 @@ Timing: engines are built once (start-up times are reported apart) and warmed up
 rotated per round, so that they see the same load on a shared host; each measurement's best time is kept.
 
 Roofline: the matmuls of one decoding step at the workload's batch (per layer q, k, v, o, gate, up and
-down projections, then the LM head over the vocabulary), timed alone with F.linear on forkflow's fp32 and
-bf16 weights in the same rounds; a system's fraction is roofline time per token / its time per token, with
-the roofline of its own dtype (transformers: fp32), timed in the same process. It is the matmuls as torch
-runs them (fp32 on MKL, bf16 on oneDNN with unpacked weights), not the machine's peak: vLLM prepacks every
-projection for oneDNN in both dtypes and can pass 100 %, in fp32 most where MKL is slow (on AMD CPUs).
+down projections, then the LM head over the vocabulary), timed alone on forkflow's fp32 and bf16 weights in
+the same rounds, each way torch offers on CPU, the faster kept: every nn.Linear with F.linear (fp32 on MKL,
+bf16 on oneDNN with unpacked weights), and the fused products prepacked for oneDNN that forkflow's decoding
+uses (`DecodeWeights`; vLLM prepacks its projections for oneDNN the same way). A system's fraction is
+roofline time per token / its time per token, with the roofline of its own dtype (transformers: fp32),
+timed in the same process. It is the fastest matmuls torch gives, not the machine's peak.
 
 Threads: `--threads` torch threads (default 2) for every system. vLLM runs in-process (forkflow's
 backend turns V1 multiprocessing off), where it binds no OpenMP threads of its own (VLLM_CPU_OMP_THREADS_BIND

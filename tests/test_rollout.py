@@ -19,6 +19,7 @@ from forkflow.rollout import (
     ThinkingBudget,
     TorchBackend,
     generate,
+    weights,
 )
 from forkflow.rollout.cli import main as generate_cli
 from forkflow.rollout.cli import max_new_tokens
@@ -45,10 +46,16 @@ def left_padded(prompts):
     return ids, mask
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_greedy_equals_transformers_generate(tiny_checkpoint, moe):
+def test_greedy_equals_transformers_generate(tiny_checkpoint, moe, packed, monkeypatch):
+    """Decoding weights prepacked for oneDNN (what CPU fp32 gets) and plain ones through F.linear (other
+    devices; a CPU bf16 rollout without bf16 matmuls)."""
+    if not packed:
+        monkeypatch.setattr(weights, "packs", lambda weight: False)
     path, ref = tiny_checkpoint(moe=moe)
     model = from_pretrained(path)
+    assert weights.Projection(model.lm_head.weight).packed == packed
     first = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
     stop = first[0][0].token_ids[3].item()  # a token greedy decoding does produce, so some rows stop early
     params = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop,))
@@ -413,11 +420,15 @@ def test_plain_sampling_draws_softmax_over_blocks_and_chunks():
     assert chi_square(counts, torch.softmax(logits.double() / 1.3, -1), draws)[0] > chi_square_critical(df)
 
 
-def test_bf16_rollout_logprobs_are_the_fp32_models_within_bf16_rounding(tiny_checkpoint):
+@pytest.mark.parametrize("matmuls", ["native", "emulated"])
+def test_bf16_rollout_logprobs_are_the_fp32_models_within_bf16_rounding(tiny_checkpoint, matmuls, monkeypatch):
     """A bf16 TorchBackend (weights cast from the fp32 model, continuous batching on) samples with log-probs
     near the fp32 model's teacher-forced ones for the same tokens. Measured on this tiny model (weights
     ~ N(0, 0.3), logits of tens): largest gap 0.11-0.15, mean 0.06-0.08 over seeds 0-2; bounds set at twice that.
-    A bug (a wrong position, key or mask) makes gaps of several nats."""
+    A bug (a wrong position, key or mask) makes gaps of several nats. "emulated": as on a CPU without bf16
+    matmuls (AVX2), where oneDNN cannot prepack bf16 and the weights stay plain."""
+    if matmuls == "emulated":
+        monkeypatch.setattr(weights, "cpu_bf16_matmuls", lambda: False)
     model = from_pretrained(tiny_checkpoint()[0])
     params = SamplingParams(n=4, max_new_tokens=16, seed=0)
     backend = TorchBackend.empty(model.config, torch.device("cpu"), torch.bfloat16, slot_tokens(PROMPTS, params) * 5)
@@ -429,6 +440,7 @@ def test_bf16_rollout_logprobs_are_the_fp32_models_within_bf16_rounding(tiny_che
         gaps.append((s.logprobs.double() - want).abs())
     gaps = torch.cat(gaps)
     assert 0 < gaps.mean() < 0.15 and gaps.max() < 0.3, (gaps.mean(), gaps.max())
+    assert backend.decode_weights.head.chunks[0][1].packed == (matmuls == "native" and weights.cpu_bf16_matmuls())
 
 
 # ------------------------------------------------------------------------------------------- the CLI

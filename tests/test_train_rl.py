@@ -17,6 +17,7 @@ from forkflow.jsonl import InputError, write_jsonl
 from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained
 from forkflow.rewards import VerifierPool
 from forkflow.rl import select_tokens
+from forkflow.rollout import weights
 from forkflow.train.rl import Response, RLConfig, RLTrainer
 
 
@@ -264,10 +265,14 @@ def test_tis_weights_and_the_rollout_gap_follow_their_formulas(setup, tmp_path):
     assert metrics["rollout/logprob_diff_max"] == 1.5
 
 
-def test_bf16_rollouts_sample_from_a_cast_copy_and_log_the_gap(setup, tmp_path):
+def test_bf16_rollouts_sample_from_a_cast_copy_and_log_the_gap(setup, tmp_path, monkeypatch, capsys):
     """rollout.dtype=bf16: the torch backend holds its own bf16 weights, loaded from the fp32 trainer each step;
-    the trainer recomputes π_old in fp32, and the rollout-vs-trainer gap is bf16 rounding: above 0, small."""
+    the trainer recomputes π_old in fp32, and the rollout-vs-trainer gap is bf16 rounding: above 0, small.
+    On a CPU without bf16 matmuls (made so here) the run warns that fp32 samples faster, and still trains."""
+    monkeypatch.setattr(weights, "cpu_bf16_matmuls", lambda: False)
     trainer = RLTrainer(tiny_config(setup, tmp_path / "run", steps=1, **{"rollout.dtype": "bf16"}))
+    err = capsys.readouterr().err
+    assert "without bf16 matmuls" in err and "rollout.dtype=fp32 is faster" in err, err
     assert trainer.syncs_weights and not trainer.reuses_rollout_statistics
     trainer.train()
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -23,6 +23,7 @@ from forkflow.rollout.sampling import (
     SamplingParams,
     ThinkingBudget,
 )
+from forkflow.rollout.weights import warn_if_bf16_is_emulated
 from forkflow.train.rl_data import prompt_token_ids, row_prompt
 from forkflow.train.sft_data import read_rows
 
@@ -247,6 +248,7 @@ def run(args) -> int:
     except ValueError as e:
         raise InputError(f"--max-batch-tokens: {e}") from None
 
+    warn_if_bf16_is_emulated(model.lm_head.weight.dtype, model.lm_head.weight.device, "--dtype float32")
     backend = TorchBackend(model, max_batch_tokens=args.max_batch_tokens)
     bar = tqdm(total=len(prompts) * params.n, unit="sample", desc="generate", disable=None)  # terminal only
     tokens, start = 0, time.perf_counter()

@@ -86,6 +86,7 @@ from forkflow.rl import (
 )
 from forkflow.rollout import RolloutBackend, Sample, SamplingParams, TorchBackend
 from forkflow.rollout.vllm_backend import VLLMBackend
+from forkflow.rollout.weights import warn_if_bf16_is_emulated
 from forkflow.train.evaluate import EvalConfig, evaluate_files
 from forkflow.train.preemption import Preemption
 from forkflow.train.rl_data import BOXED_TEMPLATE, RLPrompt, load_rl_prompts
@@ -333,6 +334,7 @@ class RLTrainer:
         max_batch_tokens = r.max_batch_tokens or None
         if self.sharded or r.dtype != "fp32":
             dtype = torch.bfloat16 if r.dtype == "bf16" else torch.float32
+            warn_if_bf16_is_emulated(dtype, self.device, "rollout.dtype=fp32")
             return TorchBackend.empty(config, self.device, dtype, max_batch_tokens)
         return TorchBackend(self.model, max_batch_tokens=max_batch_tokens)
 

@@ -2,12 +2,13 @@
 the MLP's gate and up as one (vLLM's QKV / merged-column layout: one matmul each instead of three and two),
 and the LM head in vocabulary chunks of CHUNK rows, the chunks `sampling.sample_plain` walks.
 
-On CPU every matrix is also prepacked, once per set of weights, into oneDNN's blocked layout
-(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does): at decoding's small batches
-its matmuls run 1.4-2x faster than F.linear in bf16 and 3-5x faster in fp32 (F.linear's fp32 goes to MKL,
-slow on AMD CPUs), measured at Qwen3-0.6B's shapes on 2 threads, and a row's result does not depend on the
-other rows of the batch. Elsewhere the matrices are plain tensors used through F.linear. The packed copies
-live beside the model's own weights until the backend releases them.
+On CPU every fp32 matrix, and every bf16 one where the CPU has bf16 matmuls, is also prepacked, once per set
+of weights, into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
+pass does): at decoding's batches (1-64 rows) of Qwen3-0.6B's shapes on 2 threads its matmuls ran 1.4-2x
+faster than F.linear in bf16 and 3-5x in fp32 on an AMD EPYC with AVX-512 BF16, 1.3-2.4x in fp32 on an
+AVX2-only one (Zen 3; F.linear's fp32 goes to MKL, slow on AMD CPUs), and a row's result does not depend on
+the other rows of the batch. Elsewhere the matrices are plain tensors used through F.linear. The packed
+copies live beside the model's own weights until the backend releases them.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from forkflow.config import ConfigError, load_config
 from forkflow.models.checkpoint import CheckpointError, read_config, read_config_file
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from forkflow.ops import DEFAULT_CHUNK_SIZE
+from forkflow.rollout.engine import batch_slots
 from forkflow.rollout.sampling import BLOCK, SamplingParams
 from forkflow.rollout.weights import CHUNK
 
@@ -299,9 +300,9 @@ def decode_weight_bytes(cfg: Qwen3Config, dtype_bytes: int) -> int:
 
 def rollout_slots(requests: int, slot_tokens: int, max_batch_tokens: int) -> int:
     """The rows that decode at once, each holding a KV-cache slot of slot_tokens = longest prompt + longest
-    response (engine.batch_slots): all P · n requests without a bound (rollout.max_batch_tokens 0), else
-    min(P · n, max_batch_tokens // slot_tokens)."""
-    return min(requests, max_batch_tokens // slot_tokens) if max_batch_tokens else requests
+    response: the engine's own count (engine.batch_slots), all P · n requests without a bound
+    (rollout.max_batch_tokens 0), else min(P · n, max_batch_tokens // slot_tokens)."""
+    return batch_slots(requests, slot_tokens, max_batch_tokens or None)
 
 
 def rollout_kv_cache_bytes(cfg: Qwen3Config, rows: int, length: int, dtype_bytes: int) -> int:

@@ -222,11 +222,11 @@ def build_systems(directory: str, dtype: str, names: list[str], calls) -> tuple[
 def gemm_seconds(model, batch: int, repeats: int = 3) -> float:
     """Best time of one decoding step's matmuls alone at `batch` rows, laid out either way, the faster taken:
     every nn.Linear of the model (the projections of each layer, then the LM head) applied with F.linear, or
-    the same products as forkflow's decoding weights hold them (`DecodeWeights`: q/k/v and gate/up fused, the
+    the same products as forkflow's decoding weights hold them (`DecodeWeights`: q/k/v fused, the
     head in chunks, prepacked for oneDNN on CPU), to random inputs of the weights' dtype."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     decoding = DecodeWeights(model)
-    projections = [p for layer in decoding.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    projections = [p for layer in decoding.layers for p in (layer.qkv, layer.o, layer.gate, layer.up, layer.down)]
     projections += [p for _, p in decoding.head.chunks]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1]).to(w.dtype) for w in weights}
     plain = [(lambda w=w: F.linear(inputs[w.shape[1]], w)) for w in weights]

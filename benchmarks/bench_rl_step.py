@@ -13,22 +13,28 @@ reward is a deterministic hash parity of the response text, so groups have mixed
 
     .venv/bin/pip install -e '.[bench]'        # TRL, pinned; not a dependency of forkflow itself
     .venv/bin/python benchmarks/bench_rl_step.py
-    .venv/bin/python benchmarks/bench_rl_step.py --shape 0.6b --warmup 1 --steps 1   # minutes per step on 2 cores
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_rl_step.py --shape 0.6b --warmup 1 --steps 1 \
+        --threads 2 --separate   # minutes per step on 2 cores
 
 A step is timed from the sampling of the rollouts to the end of the optimizer step: forkflow's
 `RLTrainer.train_step`, TRL's `on_step_begin` .. `on_step_end` callbacks (metrics files, logging and
 checkpoints are outside on both sides). Each side runs `--warmup` steps, then `--steps` timed ones; medians
-are reported, split into rollout (generation + reward) and update. Prints a table, then one JSON line.
+are reported, split into rollout (generation + reward) and update. The two sides take turns, step by step, in
+one process, so that both see the same load on a shared host; with `--separate` each runs in a process of
+its own, forkflow's first (at 0.6b both trainers in one process need more than 24 GB), and they see the
+host's load at different times. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -84,9 +90,6 @@ class Timings:
 
     def __init__(self):
         self.step, self.cpu, self.rollout, self.update, self.response_tokens = [], [], [], [], []
-
-    def medians(self) -> dict[str, float]:
-        return {k: statistics.median(v) for k, v in vars(self).items()}
 
 
 class ForkflowSide:
@@ -186,6 +189,20 @@ def run_trl(model_dir: Path, data: Path, out: Path, args, after_step=None) -> Ti
     return times
 
 
+def run_side(side: str, model_dir: Path, data: Path, out: Path, args) -> dict[str, list[float]]:
+    """One side's warmup and timed steps on its own (with `--separate` in a process of its own): its Timings."""
+    torch.set_num_threads(args.threads)
+    if side == "trl":
+        return vars(run_trl(model_dir, data, out, args))
+    forkflow = ForkflowSide(model_dir, data, out, args)
+    try:
+        for _ in range(args.warmup + args.steps):
+            forkflow.step()
+    finally:
+        forkflow.pool.close()
+    return vars(forkflow.times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=151936, help="model vocabulary (Qwen3's by default)")
@@ -198,6 +215,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (each takes ~1 min with TRL)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both (1: stable on a shared host)")
     parser.add_argument("--only", choices=["forkflow", "trl"], default=None, help="run one side (profiling)")
+    parser.add_argument("--separate", action="store_true", help="each side in a process of its own, one after the "
+                        "other (for shapes whose two trainers do not fit in memory together)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
@@ -207,22 +226,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         model_dir, data = write_model_and_data(root, args.vocab, args.shape, prompt_tokens)
-        forkflow = ForkflowSide(model_dir, data, root / "forkflow", args) if args.only != "trl" else None
-        try:
-            if args.only != "forkflow":  # the sides take turns, step by step, so both see the same machine load
-                results["trl"] = run_trl(model_dir, data, root / "trl", args, forkflow and forkflow.step)
-            else:
-                for _ in range(args.warmup + args.steps):
-                    forkflow.step()
-        finally:
-            if forkflow is not None:
+        sides = [args.only] if args.only else ["forkflow", "trl"]
+        if args.separate:
+            for side in sides:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    results[side] = pool.submit(run_side, side, model_dir, data, root / side, args).result()
+        elif args.only:
+            results[args.only] = run_side(args.only, model_dir, data, root / args.only, args)
+        else:  # the sides take turns, step by step, so both see the same machine load
+            forkflow = ForkflowSide(model_dir, data, root / "forkflow", args)
+            try:
+                results["trl"] = vars(run_trl(model_dir, data, root / "trl", args, forkflow.step))
+            finally:
                 forkflow.pool.close()
-        if forkflow is not None:
-            results = {"forkflow": forkflow.times, **results}
+            results = {"forkflow": vars(forkflow.times), **results}
         assert torch.get_num_threads() == args.threads, "a trainer changed the torch thread count"
 
     expected = args.prompts * args.generations * args.new_tokens
-    median = {name: t.medians() for name, t in results.items()}
+    median = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in results.items()}
     print(f"{'':10}{'step s':>9}{'CPU s':>9}{'rollout s':>11}{'update s':>10}{'resp. tokens':>14}")
     for name, m in median.items():
         print(f"{name:10}{m['step']:9.2f}{m['cpu']:9.2f}{m['rollout']:11.2f}{m['update']:10.2f}"
@@ -234,6 +255,7 @@ def main() -> None:
         "benchmark": "rl_step",
         "device": "cpu",
         "threads": args.threads,
+        "separate_processes": args.separate,
         "vocab": args.vocab,
         "shape": args.shape,
         "prompt_tokens": prompt_tokens,

@@ -313,6 +313,58 @@ def test_continuous_batching_gives_every_request_what_it_gets_alone(tiny_checkpo
         assert_same_samples(batched, alone)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_projection_ops_equal_the_product_then_the_op(packed, monkeypatch):
+    """silu / add / mul after a projection (one oneDNN pass when packed) against F.linear and the op."""
+    if not packed:
+        monkeypatch.setattr(weights, "packs", lambda weight: False)
+    g = torch.Generator().manual_seed(0)
+    w, x, other = (torch.randn(shape, generator=g) for shape in ((48, 32), (5, 1, 32), (5, 1, 48)))
+    projection, product = weights.Projection(w), torch.nn.functional.linear(x, w)
+    assert projection.packed == packed
+    for got, want in [
+        (projection(x), product),
+        (projection.silu(x), torch.nn.functional.silu(product)),
+        (projection.add(x, other), product + other),
+        (projection.mul(x, other), product * other),
+    ]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_small_ops_run_on_one_thread_and_projections_on_all():
+    """Inside `small_ops_on_one_thread` torch runs on one thread except in `on_all_threads`; the count
+    comes back after the block, also when it raises."""
+    seen = []
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), weights.small_ops_on_one_thread(torch.device("cpu")):
+            seen.append(torch.get_num_threads())
+            seen.append(weights.on_all_threads(torch.get_num_threads))
+            seen.append(torch.get_num_threads())
+            raise RuntimeError("inside")
+        seen.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_two_threads_decode_what_one_thread_decodes(tiny_checkpoint, moe):
+    """With two torch threads the engine runs its projections, attention and MoE layers on both and its
+    other ops on one (`weights.small_ops_on_one_thread`): the same samples as on one thread, and the thread
+    count is what it was after the call."""
+    model = from_pretrained(tiny_checkpoint(moe=moe)[0])
+    params = SamplingParams(n=3, max_new_tokens=10, seed=5, stop_token_ids=tuple(range(1, 8)))
+    one = generate(model, PROMPTS, params)
+    torch.set_num_threads(2)
+    try:
+        two = generate(model, PROMPTS, params)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert_same_samples(two, one)
+
+
 def test_requests_that_stop_at_their_first_token_or_run_to_the_budget_come_back_whole(tiny_checkpoint):
     model = from_pretrained(tiny_checkpoint()[0])
     params = SamplingParams(n=3, max_new_tokens=6, seed=2)

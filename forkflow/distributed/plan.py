@@ -287,15 +287,11 @@ def rollout_weight_bytes(counts: ParameterCounts, dtype_bytes: int) -> int:
 def decode_weight_bytes(cfg: Qwen3Config, dtype_bytes: int) -> int:
     """The torch engine's decoding layout of the weights it samples from (weights.DecodeWeights, made for a
     rollout and dropped by the backend's release), on a GPU: per layer the fused q/k/v
-    [(heads + 2 · kv_heads) · head_dim, H], the q/k norm weights per head [heads + kv_heads, head_dim] and, in a
-    dense layer, the fused gate/up [2 · intermediate, H] are torch.cat copies; o, down and the LM head's chunks
-    are the weights themselves (views):
-        dtype bytes · (layers · ((heads + 2 · kv_heads) · H + heads + kv_heads) · head_dim
-                       + dense layers · 2 · intermediate · H)."""
+    [(heads + 2 · kv_heads) · head_dim, H] and the q/k norm weights per head [heads + kv_heads, head_dim] are
+    torch.cat copies; o, the MLP's gate, up and down and the LM head's chunks are the weights themselves (views):
+        dtype bytes · layers · ((heads + 2 · kv_heads) · H + heads + kv_heads) · head_dim."""
     heads, kv, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
-    attention = ((heads + 2 * kv) * H + heads + kv) * cfg.head_dim
-    dense = sum(not cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers))
-    return dtype_bytes * (cfg.num_hidden_layers * attention + dense * 2 * cfg.intermediate_size * H)
+    return dtype_bytes * cfg.num_hidden_layers * ((heads + 2 * kv) * H + heads + kv) * cfg.head_dim
 
 
 def rollout_slots(requests: int, slot_tokens: int, max_batch_tokens: int) -> int:
@@ -596,7 +592,7 @@ LABELS = {
     "lm_head_chunk": "LM-head log-prob/entropy chunk",
     "weight_gradient": "largest weight gradient in flight",
     "rollout_weights": "rollout whole weights",
-    "rollout_decode_weights": "rollout decoding copies (fused q/k/v, gate/up)",
+    "rollout_decode_weights": "rollout decoding copies (fused q/k/v)",
     "rollout_kv_cache": "rollout KV cache",
     "rollout_working": "rollout results + prefill/decode working set",
 }

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from forkflow.models.qwen3 import Attention, KVCache, Qwen3ForCausalLM, apply_rope, rope_cos_sin
+from forkflow.models.qwen3 import Qwen3ForCausalLM, apply_rope, rope_cos_sin
 from forkflow.rollout.sampling import SamplingParams, next_tokens, sample_keys, token_logits
-from forkflow.rollout.weights import DecodeWeights, LayerWeights
+from forkflow.rollout.weights import DecodeWeights, on_all_threads, small_ops_on_one_thread
 
 
 class PromptError(ValueError):
@@ -119,12 +119,11 @@ class SlotKVCache:
         positions = torch.arange(capacity, device=weight.device)[None]
         self.cos, self.sin = (t[0, 0] for t in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, weight.dtype))
 
-    def write_prompt(self, slots: slice, cache: KVCache) -> None:
-        """Copy a prefilled prompt's keys/values ([1, KV, L, D] per layer) into columns [0, L) of `slots`."""
-        length = len(cache)
-        for layer, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
-            self.keys[layer][slots, :, :length] = keys
-            self.values[layer][slots, :, :length] = values
+    def write_prompt(self, slots: slice, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Copy a prefilled prompt's keys/values ([KV, L, D] per layer) into columns [0, L) of `slots`."""
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.keys[layer][slots, :, : k.shape[1]] = k
+            self.values[layer][slots, :, : v.shape[1]] = v
 
     def move(self, source: torch.Tensor, target: torch.Tensor, width: int) -> None:
         """Copy the first `width` columns of slots `source` [F] into slots `target` [F]."""
@@ -132,16 +131,23 @@ class SlotKVCache:
             for buffer in buffers:
                 buffer[target, :, :width] = buffer[source, :, :width]
 
+    def columns(self, positions: torch.Tensor) -> torch.Tensor:
+        """Where rows 0..B-1's keys at `positions` [B] go in a layer's buffer viewed as [slots · KV · capacity,
+        D]: [B · KV], row-major (row, head)."""
+        slots, heads, capacity, _ = self.keys[0].shape
+        rows = torch.arange(len(positions), device=positions.device)[:, None] * heads
+        return ((rows + torch.arange(heads, device=positions.device)) * capacity + positions[:, None]).view(-1)
+
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: tuple[torch.Tensor, torch.Tensor], width: int
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write rows 0..B-1's new keys/values k, v [B, KV, 1, D] at slot = (rows 0..B-1, their positions);
-        return their first `width` columns [B, KV, width, D]. (An index_put: scatter_ copies the whole
-        buffer in bf16 on CPU, 1000x slower.)"""
-        rows, positions = slot
-        self.keys[layer][rows, :, positions] = k[:, :, 0]
-        self.values[layer][rows, :, positions] = v[:, :, 0]
-        return self.keys[layer][: len(rows), :, :width], self.values[layer][: len(rows), :, :width]
+        """Write rows 0..B-1's new keys/values k, v [B, 1, KV, D] at `columns` (`columns`); return their first
+        `width` columns [B, KV, width, D]. (index_copy_ on the flat buffer: an index_put at (rows, positions)
+        took 5-9x longer, and scatter_ copies the whole buffer in bf16 on CPU.)"""
+        B, D = len(k), k.shape[-1]
+        for buffer, new in ((self.keys[layer], k), (self.values[layer], v)):
+            buffer.view(-1, D).index_copy_(0, columns, new.reshape(-1, D))
+        return self.keys[layer][:B, :, :width], self.values[layer][:B, :, :width]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -150,30 +156,52 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, x.shape[-1:], eps=eps).mul_(weight)
 
 
-def decode_attention(
-    attn: Attention, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-    cache: SlotKVCache, layer: int, slot: tuple[torch.Tensor, torch.Tensor], width: int,
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decoder_stack(
+    model: Qwen3ForCausalLM, weights: DecodeWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    attend: Attend,
 ) -> torch.Tensor:
-    """Attention.forward for one query per row, x [B, 1, hidden]. q and k are normalised and rotated together
-    (one op each for both); each key/value head's G query heads are G query rows of that head
-    ([B, KV, G, D]): SDPA then reads each key/value head once for all G, with the result of enable_gqa,
-    which reads it G times (4-5x slower in bf16 at Qwen3-0.6B's shape on CPU). (Two batched matmuls would
-    copy the cache's strided [:B, :, :width] view in bf16, 2-5x slower than SDPA.)"""
-    B, KV, D, heads = x.shape[0], attn.num_kv_heads, attn.head_dim, attn.num_heads
-    qk, v = w.qkv(x).view(B, heads + 2 * KV, D).split([heads + KV, KV], dim=1)
-    qk = apply_rope(rms_norm(qk, w.qk_norm, w.eps), cos, sin)
-    q, k = qk[:, :heads].reshape(B, KV, heads // KV, D), qk[:, heads:, None]
-    keys, values = cache.update(layer, k, v[:, :, None], slot, width)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=D**-0.5)
-    return w.o(out.reshape(B, 1, -1))
+    """Qwen3ForCausalLM.forward's decoder stack on x [B, T, H] with the projections of `weights`, RoPE's cos
+    and sin [B, T, 1, D] at the tokens' positions, and attend(layer, q [B, T, heads, D], k, v [B, T, KV, D])
+    -> [B, T, heads · D] for attention (which also stores k and v): the final hidden states [B, T, H]. q and
+    k are normalised and rotated together (one op each for both)."""
+    for index, (layer, w) in enumerate(zip(model.model.layers, weights.layers, strict=True)):
+        attn = layer.self_attn
+        h = rms_norm(x, layer.input_layernorm.weight, w.eps)
+        qk, v = w.qkv(h).unflatten(-1, (-1, attn.head_dim)).split([attn.num_heads + attn.num_kv_heads,
+                                                                   attn.num_kv_heads], dim=2)  # fmt: skip
+        qk = apply_rope(rms_norm(qk, w.qk_norm, w.eps), cos, sin)
+        x = w.o.add(attend(index, qk[:, :, : attn.num_heads], qk[:, :, attn.num_heads :], v), x)
+        h = rms_norm(x, layer.post_attention_layernorm.weight, w.eps)
+        if w.gate is None:  # a sparse MoE layer runs as its module (which also returns its router logits)
+            x = x + on_all_threads(layer.mlp, h)[0]
+        else:
+            x = w.down.add(w.up.mul(h, w.gate.silu(h)), x)
+    return rms_norm(x, model.model.norm.weight, model.model.norm.eps)
 
 
-def decode_mlp(mlp: torch.nn.Module, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    """The layer's MLP: a dense SwiGLU through its fused gate/up projection, a sparse MoE as its module."""
-    if w.gate_up is None:
-        return mlp(x)[0]  # an MoE layer also returns its router logits
-    gate, up = w.gate_up(x).chunk(2, dim=-1)
-    return w.down(F.silu(gate, inplace=True).mul_(up))
+def prefill(
+    model: Qwen3ForCausalLM, weights: DecodeWeights, prompt: Sequence[int], cache: SlotKVCache
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Run one prompt through the model -> its keys and values [KV, L, D] per layer (after k_norm and RoPE)
+    and its last position's final hidden state [H]. cache: for RoPE's cos and sin at positions 0..L-1."""
+    ids = torch.tensor([prompt], device=cache.cos.device)
+    keys, values = [], []
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        keys.append(k[0].contiguous())  # a copy of k alone: the view would hold all of q/k and q/k/v
+        values.append(v[0].contiguous())
+        out = on_all_threads(F.scaled_dot_product_attention, q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5,
+                             enable_gqa=True)  # fmt: skip
+        return out.transpose(1, 2).flatten(2)
+
+    cos, sin = cache.cos[None, : len(prompt), None], cache.sin[None, : len(prompt), None]
+    with small_ops_on_one_thread(ids.device):
+        hidden = decoder_stack(model, weights, model.model.embed_tokens(ids), cos, sin, attend)
+    return keys, values, hidden[0, -1]
 
 
 def decode(
@@ -181,18 +209,28 @@ def decode(
     cache: SlotKVCache,
 ) -> torch.Tensor:
     """One token per row, tokens [B] at positions [B] (width = max(positions) + 1) -> the final hidden
-    states [B, H]: Qwen3ForCausalLM.forward's decoder stack with the projections of `weights`, each row at
-    its own position in its own cache slot, seeing its columns 0..position."""
-    x = model.model.embed_tokens(tokens[:, None])
-    cos, sin = cache.cos[positions, None], cache.sin[positions, None]  # [B, 1, D]
+    states [B, H]: each row at its own position in its own cache slot, seeing its columns 0..position.
+
+    Each key/value head's G query heads are G query rows of that head ([B, KV, G, D]): SDPA then reads each
+    key/value head once for all G, with the result of enable_gqa, which reads it G times (4-5x slower in bf16
+    at Qwen3-0.6B's shape on CPU). (Two batched matmuls would copy the cache's strided [:B, :, :width] view
+    in bf16, 2-5x slower than SDPA.)"""
+    B = len(tokens)
+    cos, sin = cache.cos[positions, None, None], cache.sin[positions, None, None]  # [B, 1, 1, D]
     unseen = torch.arange(width, device=positions.device) > positions[:, None]  # [B, width]
-    bias = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(unseen, float("-inf"))[:, None, None]
-    slot = (torch.arange(len(positions), device=positions.device), positions)
-    for index, (layer, w) in enumerate(zip(model.model.layers, weights.layers, strict=True)):
-        h = rms_norm(x, layer.input_layernorm.weight, w.eps)
-        x = x + decode_attention(layer.self_attn, w, h, cos, sin, bias, cache, index, slot, width)
-        x = x + decode_mlp(layer.mlp, w, rms_norm(x, layer.post_attention_layernorm.weight, w.eps))
-    return rms_norm(x, model.model.norm.weight, model.model.norm.eps)[:, 0]
+    columns = cache.columns(positions)
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = cache.update(layer, k, v, columns, width)
+        q = q.reshape(B, keys.shape[1], -1, q.shape[-1])
+        scale = q.shape[-1] ** -0.5
+        out = on_all_threads(F.scaled_dot_product_attention, q, keys, values, attn_mask=bias, scale=scale)
+        return out.reshape(B, 1, -1)
+
+    with small_ops_on_one_thread(tokens.device):
+        x = model.model.embed_tokens(tokens[:, None])
+        bias = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(unseen, float("-inf"))[:, None, None]
+        return decoder_stack(model, weights, x, cos, sin, attend)[:, 0]
 
 
 @dataclass
@@ -223,23 +261,23 @@ class RequestQueue:
     last hidden state do not depend on the other prompts) when its first sample is admitted; when only some
     of its samples fit, the prefill is kept for the others (one prompt at most, beside the slots)."""
 
-    def __init__(self, model: Qwen3ForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams):
-        self.model, self.prompts, self.params = model, prompts, params
+    def __init__(
+        self, model: Qwen3ForCausalLM, weights: DecodeWeights, prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+    ):
+        self.model, self.weights, self.prompts, self.params = model, weights, prompts, params
         self.device = model.lm_head.weight.device
         self.next, self.total = 0, len(prompts) * params.n
-        self.kept: tuple[int, KVCache, torch.Tensor] | None = None  # (prompt, its cache, its last hidden state)
+        # (prompt, its keys, its values, its last hidden state)
+        self.kept: tuple[int, list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.total - self.next
 
-    def prefill(self, prompt: int) -> tuple[KVCache, torch.Tensor]:
-        if self.kept is not None and self.kept[0] == prompt:
-            return self.kept[1:]
-        cache = KVCache.empty(self.model.config.num_hidden_layers, 1, self.device)
-        ids = torch.tensor([self.prompts[prompt]], device=self.device)
-        hidden = self.model(ids, cache=cache).hidden_states[0, -1]
-        self.kept = (prompt, cache, hidden)
-        return cache, hidden
+    def prefill(self, prompt: int, cache: SlotKVCache) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        if self.kept is None or self.kept[0] != prompt:
+            self.kept = (prompt, *prefill(self.model, self.weights, self.prompts[prompt], cache))
+        return self.kept[1:]
 
     def admit(self, count: int, cache: SlotKVCache, first_slot: int) -> tuple[DecodingRows, torch.Tensor]:
         """The next `count` requests into slots first_slot.. -> their rows and hidden states [count, H]."""
@@ -248,9 +286,9 @@ class RequestQueue:
         hidden, lengths, closed = [], [], []
         for prompt in range(requests[0] // n, (requests[-1] // n) + 1):
             samples = range(max(requests[0], prompt * n), min(requests[-1] + 1, (prompt + 1) * n))
-            prefill, last_hidden = self.prefill(prompt)
+            keys, values, last_hidden = self.prefill(prompt, cache)
             slot = first_slot + samples[0] - requests[0]
-            cache.write_prompt(slice(slot, slot + len(samples)), prefill)
+            cache.write_prompt(slice(slot, slot + len(samples)), keys, values)
             hidden.append(last_hidden.expand(len(samples), -1))
             lengths += [len(self.prompts[prompt])] * len(samples)
             if params.thinking is not None:
@@ -384,13 +422,13 @@ def generate(
     if len(keys) != len(prompts):
         raise ValueError(f"got {len(keys)} prompt keys for {len(prompts)} prompts")
     slot = slot_tokens(prompts, params, context)
-    queue = RequestQueue(model, prompts, params)
+    weights = weights or DecodeWeights(model)
+    queue = RequestQueue(model, weights, prompts, params)
     slots = batch_slots(len(queue), slot, max_batch_tokens)
     cache = SlotKVCache(model, slots, slot)
     results = Results(len(queue), params.longest_response, device)
     stream = sample_keys(params.seed, keys, params.n)  # [R], indexed by request
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-    weights = weights or DecodeWeights(model)
 
     rows, hidden = queue.admit(slots, cache, 0)
     while True:

@@ -1,19 +1,30 @@
-"""The rollout's weights laid out for its decoding step: per layer the q, k, v projections as one matrix and
-the MLP's gate and up as one (vLLM's QKV / merged-column layout: one matmul each instead of three and two),
-and the LM head in vocabulary chunks of CHUNK rows, the chunks `sampling.sample_plain` walks.
+"""The rollout's weights laid out for its prefill and decoding steps: per layer the q, k, v projections as
+one matrix (vLLM's QKV layout: one matmul instead of three), and the LM head in vocabulary chunks of CHUNK
+rows, the chunks `sampling.sample_plain` walks.
 
 On CPU every fp32 matrix, and every bf16 one where the CPU has bf16 matmuls, is also prepacked, once per set
 of weights, into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
 pass does): at decoding's batches (1-64 rows) of Qwen3-0.6B's shapes on 2 threads its matmuls ran 1.4-2x
 faster than F.linear in bf16 and 3-5x in fp32 on an AMD EPYC with AVX-512 BF16, 1.3-2.4x in fp32 on an
 AVX2-only one (Zen 3; F.linear's fp32 goes to MKL, slow on AMD CPUs), and a row's result does not depend on
-the other rows of the batch. Elsewhere the matrices are plain tensors used through F.linear. The packed
-copies live beside the model's own weights until the backend releases them.
+the other rows of the batch. A packed product also applies the elementwise op that follows it in the same
+pass over its output (oneDNN post-ops: SiLU after the MLP's gate, the product with the gate after its up,
+the residual sum after o and down). Elsewhere the matrices are plain tensors used through F.linear. The
+packed copies live beside the model's own weights until the backend releases them.
+
+`small_ops_on_one_thread`: on a CPU, every op of a decoding step other than the projections runs on one
+thread. A torch op over more than 32K elements opens an OpenMP parallel region, and between two such regions
+the other threads go to sleep (OMP_WAIT_POLICY=PASSIVE, and the default policy after a short spin): waking
+them cost 50-100 us per op on a shared 2-core host, more than the op itself on one thread (5-20 us for a
+decoding batch's [16, 24, 128] q/k heads), while the projections, which read the weights, gain from every
+thread.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +59,42 @@ def packs(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_bf16_matmuls())
 
 
+_projection_threads = 0  # inside `small_ops_on_one_thread`: the threads a projection runs on
+
+
+@contextmanager
+def small_ops_on_one_thread(device: torch.device) -> Iterator[None]:
+    """On a CPU with several torch threads: torch ops in the block run on one thread, the projections on
+    all of them (see the module's docstring). torch._C.set_num_threads (0.5 us) is torch.set_num_threads
+    itself, called there because an in-process vLLM engine replaces the latter with a no-op."""
+    global _projection_threads
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1 or _projection_threads:
+        yield
+        return
+    _projection_threads = threads
+    torch._C.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(threads)
+        _projection_threads = 0
+
+
+def on_all_threads(function, *args, **kwargs):
+    """function(*args, **kwargs) on all of torch's threads, also inside `small_ops_on_one_thread`."""
+    if not _projection_threads:
+        return function(*args, **kwargs)
+    torch._C.set_num_threads(_projection_threads)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        torch._C.set_num_threads(1)
+
+
 class Projection:
-    """x @ weightᵀ, with weight [out, in] prepacked for oneDNN where `packs` says so."""
+    """x @ weightᵀ, with weight [out, in] prepacked for oneDNN where `packs` says so; `silu`, `add` and `mul`
+    apply an op to the product (in one pass with it when packed)."""
 
     def __init__(self, weight: torch.Tensor):
         weight = weight.detach()
@@ -58,8 +103,26 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-        return F.linear(x, self.weight)
+            return on_all_threads(torch.ops.mkldnn._linear_pointwise, x, self.weight, None, "none", [], "")
+        return on_all_threads(F.linear, x, self.weight)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x @ weightᵀ)"""
+        if self.packed:
+            return on_all_threads(torch.ops.mkldnn._linear_pointwise, x, self.weight, None, "swish", [], "")
+        return F.silu(self(x), inplace=True)
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """x @ weightᵀ + other"""
+        if self.packed:
+            return on_all_threads(torch.ops.mkldnn._linear_pointwise.binary, x, other, self.weight, None, "add")
+        return self(x).add_(other)
+
+    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """x @ weightᵀ · other"""
+        if self.packed:
+            return on_all_threads(torch.ops.mkldnn._linear_pointwise.binary, x, other, self.weight, None, "mul")
+        return self(x).mul_(other)
 
 
 class Head:
@@ -78,7 +141,7 @@ class Head:
 
 class LayerWeights:
     """One decoder layer's projections: qkv [(heads + 2 · kv_heads) · head_dim, H] and o; for a dense MLP
-    gate_up [2 · intermediate, H] and down (None for a sparse MoE layer, which runs as its module); and
+    gate, up and down (None for a sparse MoE layer, which runs as its module); and
     qk_norm [heads + kv_heads, head_dim], q_norm's weight for each query head and k_norm's for each key
     head, to normalise q and k together (eps: the layer's RMSNorm epsilon)."""
 
@@ -89,14 +152,16 @@ class LayerWeights:
                                   attn.k_norm.weight.expand(attn.num_kv_heads, -1)]).detach()
         self.eps = attn.q_norm.eps
         self.o = Projection(attn.o_proj.weight)
-        self.gate_up = self.down = None
+        self.gate = self.up = self.down = None
         if isinstance(layer.mlp, MLP):
-            self.gate_up = Projection(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
-            self.down = Projection(layer.mlp.down_proj.weight)
+            self.gate, self.up, self.down = (
+                Projection(m.weight) for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+            )
 
 
 class DecodeWeights:
-    """`model`'s weights as the decoding step uses them (a copy: made again when the model's weights change)."""
+    """`model`'s weights as the prefill and decoding steps use them (a copy: made again when the model's
+    weights change)."""
 
     def __init__(self, model: Qwen3ForCausalLM):
         with torch.no_grad():

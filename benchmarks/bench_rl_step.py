@@ -35,6 +35,7 @@ import tempfile
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -222,7 +223,7 @@ def main() -> None:
     prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
     args.prompts = len(prompt_tokens)  # one step takes every prompt: both sides train on the same prompts
 
-    results = {}
+    results, failed = {}, {}
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         model_dir, data = write_model_and_data(root, args.vocab, args.shape, prompt_tokens)
@@ -230,7 +231,10 @@ def main() -> None:
         if args.separate:
             for side in sides:
                 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    results[side] = pool.submit(run_side, side, model_dir, data, root / side, args).result()
+                    try:
+                        results[side] = pool.submit(run_side, side, model_dir, data, root / side, args).result()
+                    except BrokenProcessPool:  # killed (for memory, mostly): the other side's result still counts
+                        failed[side] = "its process died (killed for memory?) before the end of its steps"
         elif args.only:
             results[args.only] = run_side(args.only, model_dir, data, root / args.only, args)
         else:  # the sides take turns, step by step, so both see the same machine load
@@ -248,6 +252,8 @@ def main() -> None:
     for name, m in median.items():
         print(f"{name:10}{m['step']:9.2f}{m['cpu']:9.2f}{m['rollout']:11.2f}{m['update']:10.2f}"
               f"{m['response_tokens']:14.0f}")  # fmt: skip
+    for name, reason in failed.items():
+        print(f"{name:10}failed: {reason}")
     for name, m in median.items():
         if m["response_tokens"] != expected:
             print(f"warning: {name} trained on {m['response_tokens']:.0f} response tokens per step, not {expected}")
@@ -264,6 +270,7 @@ def main() -> None:
         "ratio": args.ratio,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
+        "failed": failed,
     }
     for key in ("step", "cpu", "rollout", "update"):
         result.update({f"{name}_{key}_s": round(m[key], 3) for name, m in median.items()})

@@ -330,7 +330,7 @@ def rollout_decode_bytes(cfg: Qwen3Config, rows: int, length: int, dtype_bytes: 
     """A decoding step for `rows` rows whose caches hold up to `length` tokens: the larger of its forward and
     its sampling, with b' = 2 for bf16 (a product cast to fp32 beside its fp32 copy), 0 for fp32:
       forward   rollout_layer_bytes(rows) plus the step's additive mask over `length` keys in the rollout's
-                dtype, rows · length · b (engine.decode_attention's SDPA holds no scores);
+                dtype, rows · length · b (engine.decode's SDPA holds no scores);
       sampling  with plain sampling (temperature 1, no top-k or top-p: sampling.sample_plain) the LM head in
                 chunks of W = min(weights.CHUNK, V) tokens, a chunk's fp32 logits, their exp and the entropy's
                 product of the two, beside the step's fp32 random numbers (2 per block of sampling.BLOCK

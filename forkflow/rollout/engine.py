@@ -218,6 +218,7 @@ def decode(
     B = len(tokens)
     cos, sin = cache.cos[positions, None, None], cache.sin[positions, None, None]  # [B, 1, 1, D]
     unseen = torch.arange(width, device=positions.device) > positions[:, None]  # [B, width]
+    bias = cache.cos.new_zeros(()).masked_fill(unseen, float("-inf"))[:, None, None]  # [B, 1, 1, width]
     columns = cache.columns(positions)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -228,9 +229,7 @@ def decode(
         return out.reshape(B, 1, -1)
 
     with small_ops_on_one_thread(tokens.device):
-        x = model.model.embed_tokens(tokens[:, None])
-        bias = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(unseen, float("-inf"))[:, None, None]
-        return decoder_stack(model, weights, x, cos, sin, attend)[:, 0]
+        return decoder_stack(model, weights, model.model.embed_tokens(tokens[:, None]), cos, sin, attend)[:, 0]
 
 
 @dataclass

@@ -12,12 +12,12 @@ pass over its output (oneDNN post-ops: SiLU after the MLP's gate, the product wi
 the residual sum after o and down). Elsewhere the matrices are plain tensors used through F.linear. The
 packed copies live beside the model's own weights until the backend releases them.
 
-`small_ops_on_one_thread`: on a CPU, every op of a decoding step other than the projections runs on one
-thread. A torch op over more than 32K elements opens an OpenMP parallel region, and between two such regions
-the other threads go to sleep (OMP_WAIT_POLICY=PASSIVE, and the default policy after a short spin): waking
-them cost 50-100 us per op on a shared 2-core host, more than the op itself on one thread (5-20 us for a
-decoding batch's [16, 24, 128] q/k heads), while the projections, which read the weights, gain from every
-thread.
+`small_ops_on_one_thread`: on a CPU, every op of a prefill or decoding step other than the projections,
+attention and MoE layers (`on_all_threads`) runs on one thread. A torch op over more than 32K elements opens
+an OpenMP parallel region, and between two such regions the other threads go to sleep (OMP_WAIT_POLICY=PASSIVE,
+and the default policy after a short spin): waking them cost 50-100 us per op on a shared 2-core host, more
+than the op itself on one thread (5-20 us for a decoding batch's [16, 24, 128] q/k heads), while the
+projections, which read the weights, gain from every thread.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 from forkflow.config import load_config
 from forkflow.demo.task import build_char_tokenizer, make_problems
 from forkflow.jsonl import write_jsonl
-from forkflow.models import Qwen3Config, Qwen3ForCausalLM
+from forkflow.models import Qwen3Config, Qwen3ForCausalLM, save_pretrained
 from forkflow.train import preemption, state
 from forkflow.train.rl import RLConfig, RLTrainer
 
@@ -50,7 +50,7 @@ def main() -> None:
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                          max_position_embeddings=256, rope_theta=1e4, tie_word_embeddings=True))
     model.init_weights(0.1)
-    model.save_pretrained(root / "init")
+    save_pretrained(model, root / "init")
     write_jsonl(root / "train.jsonl", ({"problem": p["prompt"], "answer": p["answer"]} for p in make_problems(0)))
     cfg = load_config(RLConfig, None, [
         f"model.path={root / 'init'}", f"data.train={root / 'train.jsonl'}", f"out={root / 'run'}",

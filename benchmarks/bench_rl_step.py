@@ -22,7 +22,15 @@ checkpoints are outside on both sides). Each side runs `--warmup` steps, then `-
 are reported, split into rollout (generation + reward) and update. The two sides take turns, step by step, in
 one process, so that both see the same load on a shared host; with `--separate` each runs in a process of
 its own, forkflow's first (at 0.6b both trainers in one process need more than 24 GB), and they see the
-host's load at different times. Prints a table, then one JSON line.
+host's load at different times.
+
+TRL runs in its fastest setting on this CPU: `--trl-micro-batch` completions per forward/backward (its
+per_device_train_batch_size), the rest of the step's 16 through gradient accumulation, so one generation and
+one optimizer step per step, as forkflow's. One TRL step in a process of its own (`--only trl` or
+`--separate`, `--warmup 1 --steps 1`) took, by
+micro-batch: tiny 1 thread 46.3 s (1), 48.2 (2), 52.7 (4), 54.1 (8), 51.3 (16); 0.6b 2 threads 270.4 (1),
+269.7 (4), and all 16 in one forward was killed for memory at 22.3 GB. Hence the default of 1. Prints a
+table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -156,9 +164,10 @@ def run_trl(model_dir: Path, data: Path, out: Path, args, after_step=None) -> Ti
 
     timer = StepTimer()
     batch = args.prompts * args.generations
+    micro = args.trl_micro_batch
     config = GRPOConfig(
-        output_dir=str(out), max_steps=args.warmup + args.steps, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, generation_batch_size=batch, num_generations=args.generations,
+        output_dir=str(out), max_steps=args.warmup + args.steps, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro, generation_batch_size=batch, num_generations=args.generations,
         max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1,
         epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group", top_entropy_quantile=args.ratio,
         mask_truncated_completions=False, learning_rate=1e-6, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
@@ -218,10 +227,15 @@ def main() -> None:
     parser.add_argument("--only", choices=["forkflow", "trl"], default=None, help="run one side (profiling)")
     parser.add_argument("--separate", action="store_true", help="each side in a process of its own, one after the "
                         "other (for shapes whose two trainers do not fit in memory together)")
+    parser.add_argument("--trl-micro-batch", type=int, default=1, help="completions per TRL forward/backward, "
+                        "the rest of the step's by gradient accumulation (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
     args.prompts = len(prompt_tokens)  # one step takes every prompt: both sides train on the same prompts
+    batch = args.prompts * args.generations
+    if args.trl_micro_batch < 1 or batch % args.trl_micro_batch:
+        parser.error(f"--trl-micro-batch must divide the step's {batch} completions, got {args.trl_micro_batch}")
 
     results, failed = {}, {}
     with tempfile.TemporaryDirectory() as directory:
@@ -271,6 +285,7 @@ def main() -> None:
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "failed": failed,
+        "trl_micro_batch": args.trl_micro_batch,
     }
     for key in ("step", "cpu", "rollout", "update"):
         result.update({f"{name}_{key}_s": round(m[key], 3) for name, m in median.items()})

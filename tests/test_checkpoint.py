@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from forkflow.models import CheckpointError, from_pretrained
+from forkflow.models import CheckpointError, from_pretrained, save_pretrained
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -26,7 +26,7 @@ def test_transformers_saves_forkflow_loads_and_back(tiny_checkpoint, tmp_path, m
     path, ref = tiny_checkpoint(moe=moe, tie_word_embeddings=tied)
     model = from_pretrained(path)
     assert _max_diff(model, ref) <= 1e-5
-    model.save_pretrained(tmp_path / "out")
+    save_pretrained(model, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["architectures"] == [ref.__class__.__name__]
     back = _hf_class(moe).from_pretrained(tmp_path / "out").eval()
@@ -45,7 +45,7 @@ def test_sharded_both_ways(tiny_checkpoint, tmp_path, moe):
     model = from_pretrained(tmp_path / "hf-sharded")
     assert _max_diff(model, ref) <= 1e-5
 
-    model.save_pretrained(tmp_path / "ff-sharded", max_shard_bytes=20_000)
+    save_pretrained(model, tmp_path / "ff-sharded", max_shard_bytes=20_000)
     shards = sorted(p.name for p in (tmp_path / "ff-sharded").glob("model-*.safetensors"))
     assert len(shards) > 2 and not (tmp_path / "ff-sharded" / "model.safetensors").exists()
     back = _hf_class(moe).from_pretrained(tmp_path / "ff-sharded").eval()
@@ -64,7 +64,7 @@ def test_legacy_config_keys(tiny_checkpoint, tmp_path):
     model = from_pretrained(path)
     assert model.config.rope_theta == 5000.0 and model.config.num_experts == 6
     assert _max_diff(model, ref) <= 1e-5
-    model.save_pretrained(tmp_path / "out")
+    save_pretrained(model, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["rope_theta"] == 5000.0 and saved["num_experts"] == 6 and "num_local_experts" not in saved
 
@@ -73,7 +73,7 @@ def test_bf16_round_trip(tiny_checkpoint, tmp_path):
     path, ref = tiny_checkpoint()
     model = from_pretrained(path, dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
-    model.save_pretrained(tmp_path / "bf16")
+    save_pretrained(model, tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     again = from_pretrained(tmp_path / "bf16")  # the checkpoint's own dtype by default
     assert again.lm_head.weight.dtype == torch.bfloat16

@@ -3,9 +3,7 @@ end on a real scored file (PNGs, markdown, a self-contained HTML page), includin
 
 import json
 import shutil
-import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +24,7 @@ from forkflow.entropy import (
 from forkflow.entropy.cli import main as entropy_cli
 from forkflow.entropy.lexicon import display_token, frequent_tokens
 from forkflow.entropy.stats import percentile, percentile_buckets
-from forkflow.models import from_pretrained
+from forkflow.models import from_pretrained, save_pretrained
 from forkflow.rollout.cli import main as generate_cli
 
 
@@ -135,7 +133,7 @@ def scored_files(qwen3_vocab_checkpoint, tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    model.save_pretrained(other)
+    save_pretrained(model, other)
     scored_b = work / "b.jsonl"
     assert (
         entropy_cli(["score", "--model", str(other), "--data", str(generated), "--out", str(scored_b)]) == 0
@@ -170,6 +168,7 @@ def test_report_renders_pngs_markdown_and_a_self_contained_page(scored_files, tm
     parser.feed(page)
     parser.close()
     assert parser.open == [] and parser.external == []  # balanced, and nothing fetched from outside
+    assert "<title>Token entropy report</title>" in page and "<h1>Token entropy report</h1>" in page
     assert parser.hover_titles == summary["tokens"]
 
 
@@ -183,28 +182,6 @@ def test_report_escapes_token_text_and_leaves_out_forced_tokens(tmp_path):
     assert 'class="forced"' in page
     # report.md quotes the response with the top-20 % token marked (1 of the 3 sampled: 2.0), not the forced 9.0
     assert "```text\n<script>⟦a&b⟧\nConsidering\n```" in (tmp_path / "report.md").read_text()
-
-
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium")
-def test_report_page_opens_in_headless_chromium(scored_files, tmp_path):
-    _, scored_a, _ = scored_files
-    assert entropy_cli(["report", str(scored_a), "--out", str(tmp_path)]) == 0
-    result = subprocess.run(
-        [
-            "/usr/bin/chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--enable-logging=stderr",
-            "--dump-dom",
-            (tmp_path / "report.html").as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0 and "Token entropy report" in result.stdout
-    assert "Uncaught" not in result.stderr
 
 
 def test_compare_overlap_and_bucket_changes(scored_files, tmp_path):

@@ -14,7 +14,7 @@ from forkflow.config import load_config
 from forkflow.demo.task import build_char_tokenizer, make_problems
 from forkflow.distributed import latest_checkpoint
 from forkflow.jsonl import InputError, write_jsonl
-from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained
+from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained, save_pretrained
 from forkflow.rewards import VerifierPool
 from forkflow.rl import select_tokens
 from forkflow.rollout import weights
@@ -32,7 +32,7 @@ def write_rl_setup(root, moe: bool = False, head_dim: int = 8):
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(cfg)
     model.init_weights(0.1)
-    model.save_pretrained(tokenizer_dir)
+    save_pretrained(model, tokenizer_dir)
     problems = make_problems(0)[:40]
     write_jsonl(root / "train.jsonl", ({"problem": p["prompt"], "answer": p["answer"]} for p in problems))
     return root

@@ -24,7 +24,7 @@ from forkflow.chat import load_tokenizer, stop_token_ids
 from forkflow.demo.task import build_char_tokenizer, make_problems, sft_messages
 from forkflow.entropy import read_scored, score_responses, write_comparison, write_report
 from forkflow.jsonl import write_jsonl
-from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained
+from forkflow.models import Qwen3Config, Qwen3ForCausalLM, from_pretrained, save_pretrained
 from forkflow.rewards import RewardValues, VerifierPool, verify_countdown
 from forkflow.rollout import SamplingParams, TorchBackend, generate
 from forkflow.rollout.cli import rounded, token_texts
@@ -82,7 +82,7 @@ def init_model(path: Path, size: DemoSize, seed: int) -> None:
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg)
     model.init_weights(std=0.02)
-    model.save_pretrained(path)
+    save_pretrained(model, path)
 
 
 def rl_config(out: Path, size: DemoSize, seed: int) -> RLConfig:

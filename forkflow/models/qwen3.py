@@ -433,8 +433,3 @@ class Qwen3ForCausalLM(nn.Module):
 
     def new_cache(self, batch: int) -> KVCache:
         return KVCache.empty(self.config.num_hidden_layers, batch, self.lm_head.weight.device)
-
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
-        from forkflow.models.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)

@@ -163,3 +163,47 @@ def test_global_batch_load_balance_equals_concatenation():
         for x, m in ((a, mask_a), (b, mask_b))
     ) / 2
     assert not torch.allclose(per_mb, concat, atol=1e-6)
+
+
+def _masked_attention(q, k, v, layout, scale):
+    """The layout's rule by hand: softmax over the visible keys of q · kᵀ, GQA by repeating k/v heads."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~layout.mask(), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize(
+    "segments,positions,split",
+    [
+        pytest.param([[0] * 5 + [1] * 2 + [2] * 6, [3] * 9 + [4] * 4], None, True, id="packed-rows"),
+        # the same id on two runs: the second run also sees the first; no per-document split
+        pytest.param([[0] * 5 + [1] * 2 + [0] * 6, [3] * 13], None, False, id="segment-reused"),
+        # left padding (segment -1) at positions 0, 0, 0: not a run of documents from 0
+        pytest.param([[-1] * 3 + [0] * 10, [0] * 13], [[0, 0, 0] + list(range(10)), list(range(13))], False,
+                     id="left-padding"),
+    ],
+)  # fmt: skip
+def test_attention_by_document_equals_the_masked_rule(segments, positions, split):
+    from forkflow.models.qwen3 import AttentionLayout, attend
+
+    seg = torch.tensor(segments)
+    if positions is None:  # positions restart at each document
+        starts = torch.nn.functional.pad(seg.diff(dim=1) != 0, (1, 0), value=True).long()
+        index = torch.arange(seg.shape[1]).expand_as(seg)
+        pos = index - torch.cummax(index * starts, dim=1).values
+    else:
+        pos = torch.tensor(positions)
+    layout = AttentionLayout(pos, seg, pos, seg)
+    assert (layout.documents is not None) == split
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 13, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 4, 13, 8, generator=g, dtype=torch.float64)
+    got = attend(q, k, v, layout, 0.3)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    want = _masked_attention(q, k, v, layout, 0.3)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    assert (got - want).abs().max().item() < 1e-12
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert (a - b).abs().max().item() < 1e-12

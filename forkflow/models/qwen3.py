@@ -117,6 +117,26 @@ class AttentionLayout:
         return self._bias[dtype]
 
     @cached_property
+    def documents(self) -> list[list[int]] | None:
+        """Each row's document lengths, in order, where the rule is plain causal attention within each
+        document: the keys are the queries' own tokens, and every row is a run of documents, each with a
+        segment id of its own and positions 0, 1, 2, ... Attention then runs document by document, at
+        Σ L² rather than the row's T² (packed rows hold many short documents) and with no [T, T] mask.
+        None for any other layout (padding whose positions do not restart, a segment id used twice, ...)."""
+        if self.causal or self.q_positions.shape != self.k_positions.shape:
+            return None
+        if not (torch.equal(self.q_positions, self.k_positions) and torch.equal(self.q_segments, self.k_segments)):
+            return None
+        segments, positions = self.q_segments, self.q_positions
+        starts = F.pad(segments.diff(dim=1) != 0, (1, 0), value=True)  # [B, T]: a document begins here
+        follows = F.pad(positions.diff(dim=1) == 1, (1, 0), value=False)
+        distinct = (segments.sort(dim=1).values.diff(dim=1) != 0).sum(1) + 1  # segment ids per row
+        if not (torch.where(starts, positions == 0, follows).all() and torch.equal(starts.sum(1), distinct)):
+            return None
+        T = segments.shape[1]
+        return [torch.diff(row.nonzero()[:, 0], append=torch.tensor([T], device=row.device)).tolist() for row in starts]
+
+    @cached_property
     def continues_one_document(self) -> bool:
         """Whether the queries are one document continuing after all the earlier keys (a ChunkFlow dependent
         chunk): every earlier key is visible to every query, and the last Tq keys are the queries' own, with
@@ -194,6 +214,13 @@ def attend(q: torch.Tensor, k, v, layout: AttentionLayout, scale: float):
     gqa = q.shape[1] != k.shape[1]
     if layout.causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if layout.documents is not None:  # packed documents: each one's causal attention alone
+        return torch.cat([
+            torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
+                       for qd, kd, vd in zip(*(t[b : b + 1].split(lengths, dim=2) for t in (q, k, v)), strict=True)],
+                      dim=2)
+            for b, lengths in enumerate(layout.documents)
+        ])  # fmt: skip
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.bias(q.dtype), scale=scale, enable_gqa=gqa)
 
 

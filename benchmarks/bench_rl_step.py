@@ -27,10 +27,9 @@ host's load at different times.
 TRL runs in its fastest setting on this CPU: `--trl-micro-batch` completions per forward/backward (its
 per_device_train_batch_size), the rest of the step's 16 through gradient accumulation, so one generation and
 one optimizer step per step, as forkflow's. One TRL step in a process of its own (`--only trl` or
-`--separate`, `--warmup 1 --steps 1`) took, by
-micro-batch: tiny 1 thread 46.3 s (1), 48.2 (2), 52.7 (4), 54.1 (8), 51.3 (16); 0.6b 2 threads 270.4 (1),
-269.7 (4), and all 16 in one forward was killed for memory at 22.3 GB. Hence the default of 1. Prints a
-table, then one JSON line.
+`--separate`, `--warmup 1 --steps 1`) took, by micro-batch: tiny, 1 thread, 46.3 s (1), 48.2 (2), 52.7 (4),
+54.1 (8), 51.3 (16); 0.6b, 2 threads, 270.4 (1), 269.7 (4), and all 16 in one forward was killed for memory
+at 22.3 GB. Hence the default of 1. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations

@@ -123,8 +123,6 @@ class AttentionLayout:
         segment id of its own and positions 0, 1, 2, ... Attention then runs document by document, at
         Σ L² rather than the row's T² (packed rows hold many short documents) and with no [T, T] mask.
         None for any other layout (padding whose positions do not restart, a segment id used twice, ...)."""
-        if self.causal or self.q_positions.shape != self.k_positions.shape:
-            return None
         if not (torch.equal(self.q_positions, self.k_positions) and torch.equal(self.q_segments, self.k_segments)):
             return None
         segments, positions = self.q_segments, self.q_positions

@@ -4,7 +4,7 @@ import weakref
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -27,6 +27,8 @@ def naive(hidden, weight, targets, temperature):
     temperature=st.sampled_from([1.0, 0.6, 1.7]),
     seed=st.integers(0, 2**16),
 )
+@example(rows=5, vocab=30, chunk=8, temperature=0.6, seed=1)  # one chunk: the backward reuses the forward's log p
+@example(rows=40, vocab=30, chunk=7, temperature=1.7, seed=2)  # several: the backward recomputes each chunk
 def test_chunked_equals_naive_values_and_gradients(rows, vocab, chunk, temperature, seed):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -52,6 +54,28 @@ def test_chunked_equals_naive_values_and_gradients(rows, vocab, chunk, temperatu
         want = torch.autograd.grad(want_loss, (hidden, weight), retain_graph=True)
         for got, expected in zip(grads, want, strict=True):
             assert torch.allclose(got, expected, atol=1e-10)
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm_)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows,chunk,backward_matmuls", [(12, 16, 2), (12, 4, 3 * 3)])
+def test_a_single_chunk_backward_reuses_the_forward_log_probs(rows, chunk, backward_matmuls):
+    """One chunk: the backward takes the forward's log-probabilities and runs only the two gradient
+    matmuls; several: each chunk's logits are recomputed first (three per chunk)."""
+    hidden = torch.randn(rows, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    logprobs, _ = token_logprobs_and_entropy(hidden, weight, torch.randint(0, 20, (rows,)), chunk_size=chunk)
+    with CountMatmuls() as matmuls:
+        logprobs.sum().backward()
+    assert matmuls.count == backward_matmuls
 
 
 def test_batched_shape_and_weight_without_grad():

@@ -125,8 +125,11 @@ def test_activation_formulas_by_hand():
     # leaves: 2 · layers · kv · head_dim · 4 B per token, for (40 − 2·16) stored + (40 − 16) gradient tokens
     assert kv_leaf_bytes(TINY, "fp32", 16, 2, 40) == 2 * 2 * 1 * 4 * 4 * (8 + 24)
     assert kv_leaf_bytes(TINY, "fp32", 64, 2, 40) == 0  # one chunk: nothing to attend back to
-    assert lm_head_chunk_bytes(TINY, "fp32", 16) == 16 * 101 * 8
-    assert lm_head_chunk_bytes(TINY, "bf16", 16) == 16 * 101 * 10
+    assert lm_head_chunk_bytes(TINY, "fp32", "sft", 16, 2) == 16 * 101 * 8
+    assert lm_head_chunk_bytes(TINY, "bf16", "sft", 16, 2) == 16 * 101 * 10
+    # RL: one fp32 [16, V] per kept chunk (2) and a scratch of min(16, 32) rows
+    assert lm_head_chunk_bytes(TINY, "fp32", "rl", 16, 2) == (2 * 16 + 16) * 101 * 4
+    assert lm_head_chunk_bytes(TINY, "bf16", "rl", 64, 1) == (64 + 32) * 101 * 4 + 64 * 101 * 2
     parts = training_activation_bytes(TINY, "fp32", "rl", 16, 2, 40, "fused")
     # fused GPU attention: per kept chunk the prefix K/V copy (2 · layers · kv · dim · L · b) and the mask C · L · b
     assert parts["attention_prefix"] == 2 * (2 * 2 * 1 * 4 * 40 * 4 + 16 * 40 * 4)

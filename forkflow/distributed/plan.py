@@ -30,7 +30,7 @@ import torch
 from forkflow.config import ConfigError, load_config
 from forkflow.models.checkpoint import CheckpointError, read_config, read_config_file
 from forkflow.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from forkflow.ops import DEFAULT_CHUNK_SIZE
+from forkflow.ops import DEFAULT_CHUNK_SIZE, SCRATCH_ROWS
 from forkflow.rollout.engine import batch_slots
 from forkflow.rollout.sampling import BLOCK, SamplingParams
 from forkflow.rollout.weights import CHUNK
@@ -238,14 +238,18 @@ def attention_prefix_bytes(cfg: Qwen3Config, compute: Compute, chunk_size: int, 
     return kept * per_chunk
 
 
-def lm_head_chunk_bytes(cfg: Qwen3Config, compute: Compute, rows: int) -> int:
-    """The LM head's transient for `rows` rows at a time: the [rows, V] logits in fp32 plus one more fp32
-    [rows, V] (the probabilities, or the gradient), plus the logits in bf16 before their fp32 copy:
-        rows · V · (8 + 2 if bf16 matmuls, else 8).
-    RL's ops.token_logprobs_and_entropy takes DEFAULT_CHUNK_SIZE (1024) rows at a time; SFT's next_token_loss
-    takes a whole chunk (C rows)."""
+def lm_head_chunk_bytes(cfg: Qwen3Config, compute: Compute, loss: Literal["sft", "rl"], rows: int, kept: int) -> int:
+    """The LM head's memory for `rows` rows at a time, plus the logits in bf16 before their fp32 copy
+    (2 · rows · V if bf16 matmuls). SFT's next_token_loss takes a whole chunk (C rows) and holds its fp32
+    logits and one more fp32 [rows, V] (the probabilities, or the gradient): rows · V · 8. RL's
+    ops.token_logprobs_and_entropy takes at most DEFAULT_CHUNK_SIZE (1024) rows at a time into one fp32
+    [rows, V] buffer with a scratch of SCRATCH_ROWS rows, and a loss's buffer stays until its backward, so
+    each of the `kept` chunks whose graphs are alive holds one: kept · rows · V · 4 + min(rows, 32) · V · 4."""
     b = activation_bytes(compute)
-    return rows * cfg.vocab_size * (2 * FP32 + (b if b < FP32 else 0))
+    bf16_copy = rows * cfg.vocab_size * (b if b < FP32 else 0)
+    if loss == "sft":
+        return rows * cfg.vocab_size * 2 * FP32 + bf16_copy
+    return (kept * rows + min(rows, SCRATCH_ROWS)) * cfg.vocab_size * FP32 + bf16_copy
 
 
 def weight_gradient_bytes(cfg: Qwen3Config, compute: Compute) -> int:
@@ -266,11 +270,12 @@ def training_activation_bytes(cfg: Qwen3Config, compute: Compute, loss: Literal[
     tests/test_plan.py compares with): chunkflow activations + K/V leaves + attention prefix + LM-head chunk
     + the largest weight gradient in flight."""
     rows = chunk_size if loss == "sft" else min(chunk_size, DEFAULT_CHUNK_SIZE)
+    kept = max(1, min(keep, chunk_count(longest, chunk_size)))
     return {
         "activations": chunkflow_activation_bytes(cfg, compute, loss, chunk_size, keep, longest),
         "kv_leaves": kv_leaf_bytes(cfg, compute, chunk_size, keep, longest),
         "attention_prefix": attention_prefix_bytes(cfg, compute, chunk_size, keep, longest, attention),
-        "lm_head_chunk": lm_head_chunk_bytes(cfg, compute, min(rows, longest)),
+        "lm_head_chunk": lm_head_chunk_bytes(cfg, compute, loss, min(rows, longest), kept),
         "weight_gradient": weight_gradient_bytes(cfg, compute),
     }
 

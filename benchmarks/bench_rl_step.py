@@ -6,8 +6,9 @@ prompts (32 and 64 tokens) on both sides; each step samples 8 responses per prom
 (no top-k / top-p) and trains on them once: token-level PPO loss with clip-higher (0.2 / 0.28), no KL, GRPO
 advantages (group mean and std), the policy gradient restricted to the top 20 % of response tokens by
 entropy (forkflow `select.mode=top`, TRL `top_entropy_quantile=0.2`), both normalised by the number of
-response tokens (forkflow `select.denominator=all`, TRL `loss_type="dapo"`), AdamW (lr 1e-6, betas 0.9 /
-0.95, weight decay 0.1), gradient clipping at 1, fp32, no activation checkpointing. Every response is
+response tokens (forkflow `select.denominator=all`, TRL `loss_type="dapo"`), torch's fused AdamW (lr 1e-6,
+betas 0.9 / 0.95, weight decay 0.1; TRL's default `adamw_torch_fused`), gradient clipping at 1, fp32, no
+activation checkpointing. Every response is
 exactly 128 tokens: the stop tokens sit outside the model's vocabulary, so neither side can sample one. The
 reward is a deterministic hash parity of the response text, so groups have mixed rewards.
 
@@ -27,9 +28,9 @@ host's load at different times.
 TRL runs in its fastest setting on this CPU: `--trl-micro-batch` completions per forward/backward (its
 per_device_train_batch_size), the rest of the step's 16 through gradient accumulation, so one generation and
 one optimizer step per step, as forkflow's. One TRL step in a process of its own (`--only trl` or
-`--separate`, `--warmup 1 --steps 1`) took, by micro-batch: tiny, 1 thread, 46.3 s (1), 48.2 (2), 52.7 (4),
-54.1 (8), 51.3 (16); 0.6b, 2 threads, 270.4 (1), 269.7 (4), and all 16 in one forward was killed for memory
-at 22.3 GB. Hence the default of 1. Prints a table, then one JSON line.
+`--separate`, `--warmup 1 --steps 1`, with `adamw_torch`) took, by micro-batch: tiny, 1 thread, 46.3 s (1),
+48.2 (2), 52.7 (4), 54.1 (8), 51.3 (16); 0.6b, 2 threads, 270.4 (1), 269.7 (4), and all 16 in one forward
+was killed for memory at 22.3 GB. Hence the default of 1. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, args, after_step=None) -> Ti
         max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1,
         epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group", top_entropy_quantile=args.ratio,
         mask_truncated_completions=False, learning_rate=1e-6, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
-        weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, use_vllm=False, report_to="none",
         save_strategy="no", logging_steps=args.warmup + args.steps, disable_tqdm=True, seed=0,
         dataloader_num_workers=0,

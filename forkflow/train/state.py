@@ -109,9 +109,10 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
     """AdamW over all parameters and its LR schedule (a LambdaLR stepped once per optimizer update taken: see
-    UpdateGuard)."""
+    UpdateGuard). AdamW is torch's fused kernel (one pass per parameter; the default multi-tensor one makes
+    several over temporaries: 10x slower on CPU at Qwen3's vocabulary), as in transformers' Trainer."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
+                                  weight_decay=optim.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, total_steps))
     return optimizer, scheduler
 

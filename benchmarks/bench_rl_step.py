@@ -8,9 +8,9 @@ advantages (group mean and std), the policy gradient restricted to the top 20 % 
 entropy (forkflow `select.mode=top`, TRL `top_entropy_quantile=0.2`), both normalised by the number of
 response tokens (forkflow `select.denominator=all`, TRL `loss_type="dapo"`), torch's fused AdamW (lr 1e-6,
 betas 0.9 / 0.95, weight decay 0.1; TRL's default `adamw_torch_fused`), gradient clipping at 1, fp32, no
-activation checkpointing. Every response is
-exactly 128 tokens: the stop tokens sit outside the model's vocabulary, so neither side can sample one. The
-reward is a deterministic hash parity of the response text, so groups have mixed rewards.
+activation checkpointing. Every response is exactly 128 tokens: the stop tokens sit outside the model's
+vocabulary, so neither side can sample one. The reward is a deterministic hash parity of the response text,
+so groups have mixed rewards.
 
     .venv/bin/pip install -e '.[bench]'        # TRL, pinned; not a dependency of forkflow itself
     .venv/bin/python benchmarks/bench_rl_step.py

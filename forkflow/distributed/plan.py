@@ -199,12 +199,17 @@ def chunk_count(longest: int, chunk_size: int) -> int:
     return math.ceil(longest / chunk_size)
 
 
+def kept_chunks(keep: int, longest: int, chunk_size: int) -> int:
+    """Chunks whose graphs are alive at once: K, or fewer when the longest sequence has fewer chunks."""
+    return max(1, min(keep, chunk_count(longest, chunk_size)))
+
+
 def chunkflow_activation_bytes(cfg: Qwen3Config, compute: Compute, loss: Literal["sft", "rl"], chunk_size: int,
                                keep: int, longest: int) -> int:
     """The state-aware schedule keeps the graphs of K chunks at once (fewer when the longest sequence has
     fewer chunks; a standalone chunk, packed to up to C tokens, is a chain of one):
         C · min(K, ceil(L / C)) · (layers · layer_bytes_per_token + head_bytes_per_token)."""
-    kept = max(1, min(keep, chunk_count(longest, chunk_size)))
+    kept = kept_chunks(keep, longest, chunk_size)
     per_token = cfg.num_hidden_layers * layer_bytes_per_token(cfg, compute) + head_bytes_per_token(cfg, compute, loss)
     return chunk_size * kept * per_token
 
@@ -230,7 +235,7 @@ def attention_prefix_bytes(cfg: Qwen3Config, compute: Compute, chunk_size: int, 
     if attention == "blockwise":
         return 0
     b = activation_bytes(compute)
-    kept = max(1, min(keep, chunk_count(longest, chunk_size)))
+    kept = kept_chunks(keep, longest, chunk_size)
     rows = min(chunk_size, longest)
     per_chunk = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * longest * b + rows * longest * b
     if attention == "math":
@@ -244,7 +249,7 @@ def lm_head_chunk_bytes(cfg: Qwen3Config, compute: Compute, loss: Literal["sft",
     logits and one more fp32 [rows, V] (the probabilities, or the gradient): rows · V · 8. RL's
     ops.token_logprobs_and_entropy takes at most DEFAULT_CHUNK_SIZE (1024) rows at a time into one fp32
     [rows, V] buffer with a scratch of SCRATCH_ROWS rows, and a loss's buffer stays until its backward, so
-    each of the `kept` chunks whose graphs are alive holds one: kept · rows · V · 4 + min(rows, 32) · V · 4."""
+    each of the `kept` chunks whose graphs are alive holds one: (kept · rows + min(rows, SCRATCH_ROWS)) · V · 4."""
     b = activation_bytes(compute)
     bf16_copy = rows * cfg.vocab_size * (b if b < FP32 else 0)
     if loss == "sft":
@@ -270,7 +275,7 @@ def training_activation_bytes(cfg: Qwen3Config, compute: Compute, loss: Literal[
     tests/test_plan.py compares with): chunkflow activations + K/V leaves + attention prefix + LM-head chunk
     + the largest weight gradient in flight."""
     rows = chunk_size if loss == "sft" else min(chunk_size, DEFAULT_CHUNK_SIZE)
-    kept = max(1, min(keep, chunk_count(longest, chunk_size)))
+    kept = kept_chunks(keep, longest, chunk_size)
     return {
         "activations": chunkflow_activation_bytes(cfg, compute, loss, chunk_size, keep, longest),
         "kv_leaves": kv_leaf_bytes(cfg, compute, chunk_size, keep, longest),

@@ -29,11 +29,12 @@ rotated per round, so that they see the same load on a shared host; each measure
 
 Roofline: the matmuls of one decoding step at the workload's batch (per layer q, k, v, o, gate, up and
 down projections, then the LM head over the vocabulary), timed alone on forkflow's fp32 and bf16 weights in
-the same rounds, each way torch offers on CPU, the faster kept: every nn.Linear with F.linear (fp32 on MKL,
-bf16 on oneDNN with unpacked weights), and the fused products prepacked for oneDNN that forkflow's decoding
-uses (`DecodeWeights`; vLLM prepacks its projections for oneDNN the same way). A system's fraction is
+the same rounds, each way available on this CPU, the fastest kept: every nn.Linear with F.linear (fp32 on
+MKL, bf16 on oneDNN with unpacked weights), and the fused products forkflow's decoding uses
+(`DecodeWeights`) in each of its CPU layouts: prepacked for oneDNN (vLLM prepacks its projections for
+oneDNN the same way) and, for fp32, forkflow's own kernel (`decode_matmul`). A system's fraction is
 roofline time per token / its time per token, with the roofline of its own dtype (transformers: fp32),
-timed in the same process. It is the fastest matmuls torch gives, not the machine's peak.
+timed in the same process. It is the fastest matmuls at hand, not the machine's peak.
 
 Threads: `--threads` torch threads (default 2) for every system. vLLM runs in-process (forkflow's
 backend turns V1 multiprocessing off), where it binds no OpenMP threads of its own (VLLM_CPU_OMP_THREADS_BIND
@@ -69,7 +70,7 @@ import transformers
 
 from forkflow.models import from_pretrained
 from forkflow.rollout import SamplingParams, TorchBackend
-from forkflow.rollout.weights import DecodeWeights
+from forkflow.rollout.weights import DecodeWeights, layout_of
 
 VOCAB, CONTEXT, BATCH, GROUP = 151936, 1024, 16, 8
 SHAPES = {
@@ -220,20 +221,25 @@ def build_systems(directory: str, dtype: str, names: list[str], calls) -> tuple[
 
 @torch.no_grad()
 def gemm_seconds(model, batch: int, repeats: int = 3) -> float:
-    """Best time of one decoding step's matmuls alone at `batch` rows, laid out either way, the faster taken:
-    every nn.Linear of the model (the projections of each layer, then the LM head) applied with F.linear, or
-    the same products as forkflow's decoding weights hold them (`DecodeWeights`: q/k/v fused, the
-    head in chunks, prepacked for oneDNN on CPU), to random inputs of the weights' dtype."""
+    """Best time of one decoding step's matmuls alone at `batch` rows, done each way, the fastest taken: every
+    nn.Linear of the model (the projections of each layer, then the LM head) applied with F.linear, and the
+    products forkflow's decoding weights hold (q/k/v fused, the head in chunks) in each CPU layout
+    (`weights.Projection`: forkflow's kernel where it compiles, prepacked for oneDNN), to random inputs of
+    the weights' dtype."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    decoding = DecodeWeights(model)
-    projections = [p for layer in decoding.layers for p in (layer.qkv, layer.o, layer.gate, layer.up, layer.down)]
-    projections += [p for _, p in decoding.head.chunks]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1]).to(w.dtype) for w in weights}
-    plain = [(lambda w=w: F.linear(inputs[w.shape[1]], w)) for w in weights]
-    packed = [(lambda p=p: p(inputs[p.weight.shape[1]])) for p in projections]
+    ways = [[(lambda w=w: F.linear(inputs[w.shape[1]], w)) for w in weights]]
+    layouts = {layout_of(model.lm_head.weight)}
+    if model.lm_head.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        layouts.add("onednn")
+    for layout in layouts - {"plain"}:
+        decoding = DecodeWeights(model, layout)
+        fused = [p for layer in decoding.layers for p in (layer.qkv, layer.o, layer.gate, layer.up, layer.down)]
+        fused += [p for _, p in decoding.head.chunks]
+        ways.append([(lambda p=p: p(inputs[p.shape[1]])) for p in fused])
     best = math.inf
     for _ in range(repeats):
-        for products in (plain, packed):
+        for products in ways:
             start = time.perf_counter()
             for product in products:
                 product()

@@ -177,7 +177,7 @@ def test_rollout_formulas_by_hand():
 def test_decode_weights_allocate_what_the_plan_says(cfg, dtype, monkeypatch):
     """What weights.DecodeWeights allocates where it does not prepack (a GPU): the fused q/k/v and per-head q/k
     norm weights of every layer, per layer in bf16 2 B · (H 8 · (2 + 2 · 1) · 4 + (2 + 1) · 4)."""
-    monkeypatch.setattr("forkflow.rollout.weights.packs", lambda weight: False)
+    monkeypatch.setattr("forkflow.rollout.weights.layout_of", lambda weight: "plain")
     model = Qwen3ForCausalLM(cfg).to(dtype)
     tracker = AllocatedBytes()
     with tracker:
@@ -384,7 +384,7 @@ def test_predicted_rollout_peak_is_within_tolerance_of_the_measured_one(
         name, cfg, prompts, n, prompt_tokens, new_tokens, max_batch_tokens, temperature, dtype, monkeypatch):
     """engine.generate's peak above the model's weights, with the weights laid out as on a GPU (no oneDNN
     packing), against the plan's KV cache, working set and decoding copies of the weights."""
-    monkeypatch.setattr("forkflow.rollout.weights.packs", lambda weight: False)
+    monkeypatch.setattr("forkflow.rollout.weights.layout_of", lambda weight: "plain")
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(cfg)
     model.init_weights()

@@ -18,6 +18,7 @@ from forkflow.rollout import (
     SamplingParams,
     ThinkingBudget,
     TorchBackend,
+    decode_matmul,
     generate,
     weights,
 )
@@ -46,16 +47,15 @@ def left_padded(prompts):
     return ids, mask
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+@pytest.mark.parametrize("layout", ["kernel", "onednn", "plain"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_greedy_equals_transformers_generate(tiny_checkpoint, moe, packed, monkeypatch):
-    """Decoding weights prepacked for oneDNN (what CPU fp32 gets) and plain ones through F.linear (other
-    devices; a CPU bf16 rollout without bf16 matmuls)."""
-    if not packed:
-        monkeypatch.setattr(weights, "packs", lambda weight: False)
+def test_greedy_equals_transformers_generate(tiny_checkpoint, moe, layout, monkeypatch):
+    """Decoding weights for forkflow's CPU kernel (what CPU fp32 gets), prepacked for oneDNN (CPU fp32
+    without a C compiler) and plain ones through F.linear (other devices; a CPU bf16 rollout without bf16
+    matmuls)."""
+    monkeypatch.setattr(weights, "layout_of", lambda weight: layout)
     path, ref = tiny_checkpoint(moe=moe)
     model = from_pretrained(path)
-    assert weights.Projection(model.lm_head.weight).packed == packed
     first = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
     stop = first[0][0].token_ids[3].item()  # a token greedy decoding does produce, so some rows stop early
     params = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop,))
@@ -313,15 +313,13 @@ def test_continuous_batching_gives_every_request_what_it_gets_alone(tiny_checkpo
         assert_same_samples(batched, alone)
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
-def test_projection_ops_equal_the_product_then_the_op(packed, monkeypatch):
-    """silu / add / mul after a projection (one oneDNN pass when packed) against F.linear and the op."""
-    if not packed:
-        monkeypatch.setattr(weights, "packs", lambda weight: False)
+@pytest.mark.parametrize("layout", ["kernel", "onednn", "plain"])
+def test_projection_ops_equal_the_product_then_the_op(layout):
+    """silu / add / mul after a projection (one pass with the product where the layout allows) against
+    F.linear and the op."""
     g = torch.Generator().manual_seed(0)
     w, x, other = (torch.randn(shape, generator=g) for shape in ((48, 32), (5, 1, 32), (5, 1, 48)))
-    projection, product = weights.Projection(w), torch.nn.functional.linear(x, w)
-    assert projection.packed == packed
+    projection, product = weights.Projection(w, layout), torch.nn.functional.linear(x, w)
     for got, want in [
         (projection(x), product),
         (projection.silu(x), torch.nn.functional.silu(product)),
@@ -329,6 +327,47 @@ def test_projection_ops_equal_the_product_then_the_op(packed, monkeypatch):
         (projection.mul(x, other), product * other),
     ]:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_matmul_equals_the_float64_product(threads):
+    """forkflow's CPU kernel (`decode_matmul`) against float64, over batches on both sides of its tile widths
+    (8 and 16 rows), weight rows on both sides of its groups of 6, strided inputs, and its epilogues."""
+    g = torch.Generator().manual_seed(0)
+    for B, K, N in [(1, 1, 1), (3, 7, 5), (8, 64, 6), (9, 33, 13), (16, 64, 50), (17, 5, 12), (40, 96, 37)]:
+        w = torch.randn(N, K, generator=g)
+        x = torch.randn(B, 2 * K, generator=g)[:, ::2]  # rows K apart in memory, columns 2 apart
+        other = torch.randn(B, N, generator=g)
+        packed = decode_matmul.pack(w)
+        want = x.double() @ w.double().T
+        for op, expected in [("none", want), ("add", want + other.double()), ("mul", want * other.double())]:
+            got = decode_matmul.matmul(x, packed, N, threads, op, None if op == "none" else other)
+            assert got.shape == (B, N) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * K ** 0.5, msg=f"{B, K, N, op}")
+
+
+def test_decode_matmul_rows_do_not_depend_on_the_batch_or_the_threads():
+    """A row's product is the same bits alone (an 8-row tile), in a batch of 40 (16-row tiles) and on any
+    number of threads: the engine's samples do not depend on which rows decode together."""
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(100, 80, generator=g), torch.randn(40, 80, generator=g)
+    packed = decode_matmul.pack(w)
+    batch = decode_matmul.matmul(x, packed, 100, 1)
+    assert torch.equal(decode_matmul.matmul(x, packed, 100, 4), batch)
+    for row in (0, 17, 39):
+        assert torch.equal(decode_matmul.matmul(x[row : row + 1], packed, 100, 2)[0], batch[row])
+    assert weights.layout_of(w) == "kernel"  # what CPU fp32 decoding gets where the kernel compiles (CI does)
+
+
+def test_without_a_compiler_decoding_falls_back_to_onednn_with_a_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FORKFLOW_CACHE", str(tmp_path))
+    decode_matmul.library.cache_clear()
+    try:
+        assert weights.layout_of(torch.zeros(4, 4)) == "onednn"
+        assert "CPU decoding kernel is unavailable" in capsys.readouterr().err
+    finally:
+        decode_matmul.library.cache_clear()
 
 
 def test_small_ops_run_on_one_thread_and_projections_on_all():
@@ -492,7 +531,8 @@ def test_bf16_rollout_logprobs_are_the_fp32_models_within_bf16_rounding(tiny_che
         gaps.append((s.logprobs.double() - want).abs())
     gaps = torch.cat(gaps)
     assert 0 < gaps.mean() < 0.15 and gaps.max() < 0.3, (gaps.mean(), gaps.max())
-    assert backend.decode_weights.head.chunks[0][1].packed == (matmuls == "native" and weights.cpu_bf16_matmuls())
+    native = matmuls == "native" and weights.cpu_bf16_matmuls()
+    assert backend.decode_weights.head.chunks[0][1].layout == ("onednn" if native else "plain")
 
 
 # ------------------------------------------------------------------------------------------- the CLI

@@ -2,15 +2,17 @@
 one matrix (vLLM's QKV layout: one matmul instead of three), and the LM head in vocabulary chunks of CHUNK
 rows, the chunks `sampling.sample_plain` walks.
 
-On CPU every fp32 matrix, and every bf16 one where the CPU has bf16 matmuls, is also prepacked, once per set
-of weights, into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
-pass does): at decoding's batches (1-64 rows) of Qwen3-0.6B's shapes on 2 threads its matmuls ran 1.4-2x
-faster than F.linear in bf16 and 3-5x in fp32 on an AMD EPYC with AVX-512 BF16, 1.3-2.4x in fp32 on an
-AVX2-only one (Zen 3; F.linear's fp32 goes to MKL, slow on AMD CPUs), and a row's result does not depend on
-the other rows of the batch. A packed product also applies the elementwise op that follows it in the same
-pass over its output (oneDNN post-ops: SiLU after the MLP's gate, the product with the gate after its up,
-the residual sum after o and down). Elsewhere the matrices are plain tensors used through F.linear. The
-packed copies live beside the model's own weights until the backend releases them.
+On CPU the matrices are also laid out, once per set of weights, for the fastest product at decoding's batches
+(`layout_of`): fp32 ones for forkflow's own kernel (`decode_matmul`: on an AVX2-only AMD EPYC, Zen 3, a decoding
+step's matmuls at 16 rows ran 1.45-1.55x faster than oneDNN's, on one thread at the tiny shape and on two at
+Qwen3-0.6B's); bf16 ones where the CPU has bf16 matmuls, and fp32 ones where no C compiler is found, are
+prepacked into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
+pass does: 1.4-2x faster than F.linear in bf16 and 1.3-5x in fp32 at those batches). A row's result does not
+depend on the other rows of the batch either way. A laid-out product also applies the elementwise op that
+follows it in the same pass over its output (oneDNN post-ops, or the kernel's epilogue: the product with the
+gate after the MLP's up, the residual sum after o and down; oneDNN also SiLU after the gate). Elsewhere the
+matrices are plain tensors used through F.linear. The laid-out copies live beside the model's own weights
+until the backend releases them.
 
 `small_ops_on_one_thread`: on a CPU, every op of a prefill or decoding step other than the projections,
 attention and MoE layers (`on_all_threads`) runs on one thread. A torch op over more than 32K elements opens
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from forkflow.models.qwen3 import MLP, Qwen3ForCausalLM
+from forkflow.rollout import decode_matmul
 
 PACK_BATCH = 16  # the batch oneDNN picks its blocked layout for (every batch runs on it)
 # vocabulary rows of a chunk of the LM head, 256 of `sampling.sample_plain`'s blocks of 128: it holds [B, CHUNK] logits
@@ -51,12 +54,19 @@ def warn_if_bf16_is_emulated(dtype: torch.dtype, device: torch.device, fix: str)
               file=sys.stderr)  # fmt: skip
 
 
-def packs(weight: torch.Tensor) -> bool:
-    """Whether `Projection` prepacks `weight` for oneDNN: a CPU fp32 matrix in a build with oneDNN, or a bf16
-    one where the CPU has bf16 matmuls (oneDNN refuses to pack bf16 otherwise)."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_bf16_matmuls())
+def layout_of(weight: torch.Tensor) -> str:
+    """How `Projection` holds `weight`: "kernel" (a CPU fp32 matrix where `decode_matmul` compiles), "onednn"
+    (prepacked: a CPU fp32 matrix otherwise, in a build with oneDNN, or a bf16 one where the CPU has bf16
+    matmuls; oneDNN refuses to pack bf16 elsewhere), or "plain" (F.linear)."""
+    if weight.device.type != "cpu":
+        return "plain"
+    if weight.dtype == torch.float32 and decode_matmul.available():
+        return "kernel"
+    if torch.backends.mkldnn.is_available() and (
+        weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_bf16_matmuls())
+    ):
+        return "onednn"
+    return "plain"
 
 
 _projection_threads = 0  # inside `small_ops_on_one_thread`: the threads a projection runs on
@@ -93,35 +103,55 @@ def on_all_threads(function, *args, **kwargs):
 
 
 class Projection:
-    """x @ weightᵀ, with weight [out, in] prepacked for oneDNN where `packs` says so; `silu`, `add` and `mul`
-    apply an op to the product (in one pass with it when packed)."""
+    """x @ weightᵀ, with weight [out, in] laid out as `layout_of` says (or as given); `silu`, `add` and `mul`
+    apply an op to the product (in one pass with it where the layout allows)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, layout: str | None = None):
         weight = weight.detach()
-        self.packed = packs(weight)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH) if self.packed else weight
+        self.layout, self.shape = layout or layout_of(weight), weight.shape
+        if self.layout == "kernel":
+            self.weight = decode_matmul.pack(weight)
+        elif self.layout == "onednn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
+        else:
+            self.weight = weight
+
+    def _kernel(self, x: torch.Tensor, op: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
+        return decode_matmul.matmul(x, self.weight, self.shape[0], _projection_threads or torch.get_num_threads(),
+                                    op, other)  # fmt: skip
+
+    def _onednn(self, x: torch.Tensor, op: str, other: torch.Tensor | None = None) -> torch.Tensor:
+        if other is None:  # a unary post-op ("none", "swish")
+            return on_all_threads(torch.ops.mkldnn._linear_pointwise, x, self.weight, None, op, [], "")
+        return on_all_threads(torch.ops.mkldnn._linear_pointwise.binary, x, other, self.weight, None, op)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return on_all_threads(torch.ops.mkldnn._linear_pointwise, x, self.weight, None, "none", [], "")
+        if self.layout == "kernel":
+            return self._kernel(x)
+        if self.layout == "onednn":
+            return self._onednn(x, "none")
         return on_all_threads(F.linear, x, self.weight)
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ weightᵀ)"""
-        if self.packed:
-            return on_all_threads(torch.ops.mkldnn._linear_pointwise, x, self.weight, None, "swish", [], "")
+        if self.layout == "onednn":
+            return self._onednn(x, "swish")
         return F.silu(self(x), inplace=True)
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """x @ weightᵀ + other"""
-        if self.packed:
-            return on_all_threads(torch.ops.mkldnn._linear_pointwise.binary, x, other, self.weight, None, "add")
+        if self.layout == "kernel":
+            return self._kernel(x, "add", other)
+        if self.layout == "onednn":
+            return self._onednn(x, "add", other)
         return self(x).add_(other)
 
     def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """x @ weightᵀ · other"""
-        if self.packed:
-            return on_all_threads(torch.ops.mkldnn._linear_pointwise.binary, x, other, self.weight, None, "mul")
+        if self.layout == "kernel":
+            return self._kernel(x, "mul", other)
+        if self.layout == "onednn":
+            return self._onednn(x, "mul", other)
         return self(x).mul_(other)
 
 
@@ -129,9 +159,9 @@ class Head:
     """The LM head: `weight` [V, H] itself (to gather single tokens' rows) and `chunks`, (first token id,
     Projection of rows first..first + CHUNK) over the vocabulary."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, layout: str | None = None):
         self.weight = weight.detach()
-        self.chunks = [(start, Projection(self.weight[start : start + CHUNK]))
+        self.chunks = [(start, Projection(self.weight[start : start + CHUNK], layout))
                        for start in range(0, len(self.weight), CHUNK)]  # fmt: skip
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -145,25 +175,25 @@ class LayerWeights:
     qk_norm [heads + kv_heads, head_dim], q_norm's weight for each query head and k_norm's for each key
     head, to normalise q and k together (eps: the layer's RMSNorm epsilon)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, layout: str | None = None):
         attn = layer.self_attn
-        self.qkv = Projection(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        self.qkv = Projection(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), layout)
         self.qk_norm = torch.cat([attn.q_norm.weight.expand(attn.num_heads, -1),
                                   attn.k_norm.weight.expand(attn.num_kv_heads, -1)]).detach()
         self.eps = attn.q_norm.eps
-        self.o = Projection(attn.o_proj.weight)
+        self.o = Projection(attn.o_proj.weight, layout)
         self.gate = self.up = self.down = None
         if isinstance(layer.mlp, MLP):
             self.gate, self.up, self.down = (
-                Projection(m.weight) for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+                Projection(m.weight, layout) for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
             )
 
 
 class DecodeWeights:
     """`model`'s weights as the prefill and decoding steps use them (a copy: made again when the model's
-    weights change)."""
+    weights change), in `layout` (default: each matrix's `layout_of`)."""
 
-    def __init__(self, model: Qwen3ForCausalLM):
+    def __init__(self, model: Qwen3ForCausalLM, layout: str | None = None):
         with torch.no_grad():
-            self.layers = [LayerWeights(layer) for layer in model.model.layers]
-            self.head = Head(model.lm_head.weight)
+            self.layers = [LayerWeights(layer, layout) for layer in model.model.layers]
+            self.head = Head(model.lm_head.weight, layout)

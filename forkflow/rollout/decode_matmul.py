@@ -1,0 +1,123 @@
+"""The decoding steps' fp32 matmuls on CPU as a small C kernel (`decode_matmul.c`), compiled with the system's
+C compiler on first use for this machine (`-O3 -march=native`) into a cache directory and loaded with ctypes.
+
+At decoding's batches oneDNN's fp32 matmuls run at about half of a core's multiply-add peak (an AMD EPYC Zen 3
+with AVX2: 49 of ~95 GFLOP/s for 16 rows against Qwen3's LM head on one thread), well short of what the weight
+stream allows; the kernel reads each weight once per call and keeps the batch in cache
+(`benchmarks/bench_generate.py` measures the steps, `test_rollout.py` the products against float64). It needs
+no build step and no dependency: where no compiler is found, or it fails, a warning says so once and the
+decoding weights stay on oneDNN (`weights.Projection`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("decode_matmul.c")
+OPS = {"none": 0, "add": 1, "mul": 2}
+ROWS = 6  # weight rows per packed group (R in decode_matmul.c)
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernel lives: $FORKFLOW_CACHE, else $XDG_CACHE_HOME/forkflow, else ~/.cache/forkflow."""
+    if os.environ.get("FORKFLOW_CACHE"):
+        return Path(os.environ["FORKFLOW_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forkflow"
+
+
+def compile_command(compiler: str, output: Path) -> list[str]:
+    return [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", str(output)]
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built once per (source, compiler, machine), or None with a warning on stderr."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return _unavailable("no C compiler found (set CC to one)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        return _unavailable(f"{compiler} --version failed: {error}")
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _machine().encode()).hexdigest()[:16]
+    target = cache_dir() / f"decode_matmul-{key}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                result = subprocess.run(compile_command(compiler, built), capture_output=True, text=True)
+                if result.returncode != 0:
+                    return _unavailable(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()}")
+                built.replace(target)  # atomic: ranks compiling at once each install a whole file
+        except OSError as error:
+            return _unavailable(f"cannot write the compiled kernel under {target.parent} ({error}); set "
+                                f"FORKFLOW_CACHE to a writable directory")  # fmt: skip
+    lib = ctypes.CDLL(str(target))
+    lib.ff_decode_matmul.restype = ctypes.c_int
+    lib.ff_decode_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]  # fmt: skip
+    return lib
+
+
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability()
+    return next((line for line in info.splitlines() if line.startswith("flags")), info[:4096])
+
+
+def _unavailable(reason: str) -> None:
+    print(f"warning: forkflow's CPU decoding kernel is unavailable, decoding uses oneDNN's matmuls: {reason}",
+          file=sys.stderr)  # fmt: skip
+    return None
+
+
+def available() -> bool:
+    return sys.platform.startswith("linux") and library() is not None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] fp32 -> the kernel's layout [ceil(N / ROWS), K, ROWS] (see decode_matmul.c), a copy."""
+    N, K = weight.shape
+    padded = torch.nn.functional.pad(weight.detach().float(), (0, 0, 0, -N % ROWS))
+    return padded.view(-1, ROWS, K).transpose(1, 2).contiguous()
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int, threads: int, op: str = "none",
+           other: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] fp32 · weightᵀ -> [..., rows] fp32, weight [rows, K] given `pack`ed, then + other or
+    · other (op "add" / "mul", other of the output's shape), on `threads` threads."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], rows, dtype=torch.float32)
+    if x2.shape[0] == 0:
+        return out.view(*lead, rows)
+    ldo = 0
+    if other is not None:
+        other = other.reshape(-1, rows)
+        if other.stride(-1) != 1:
+            other = other.contiguous()
+        ldo = other.stride(0)
+    status = library().ff_decode_matmul(
+        x2.data_ptr(), x2.stride(0), packed.data_ptr(), out.data_ptr(), rows,
+        0 if other is None else other.data_ptr(), ldo, x2.shape[0], K, rows, OPS[op], threads,
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"decode_matmul: out of memory for a [{x2.shape[0]}, {K}] batch")
+    return out.view(*lead, rows)

@@ -63,7 +63,10 @@ def library() -> ctypes.CDLL | None:
         except OSError as error:
             return _unavailable(f"cannot write the compiled kernel under {target.parent} ({error}); set "
                                 f"FORKFLOW_CACHE to a writable directory")  # fmt: skip
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as error:
+        return _unavailable(f"cannot load {target} ({error}); delete it to compile it again")
     lib.ff_decode_matmul.restype = ctypes.c_int
     lib.ff_decode_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,

@@ -1,9 +1,9 @@
 """The decoding steps' fp32 matmuls on CPU as a small C kernel (`decode_matmul.c`), compiled with the system's
 C compiler on first use for this machine (`-O3 -march=native`) into a cache directory and loaded with ctypes.
 
-At decoding's batches oneDNN's fp32 matmuls run at about half of a core's multiply-add peak (an AMD EPYC Zen 3
-with AVX2: 49 of ~95 GFLOP/s for 16 rows against Qwen3's LM head on one thread), well short of what the weight
-stream allows; the kernel reads each weight once per call and keeps the batch in cache
+At decoding's batches oneDNN's fp32 matmuls ran at about half of a core's multiply-add peak in a profile (an
+AMD EPYC Zen 3 with AVX2: 49 of ~95 GFLOP/s for 16 rows against Qwen3's LM head on one thread), short of what
+the weight stream allows; the kernel reads each weight once per call and keeps the batch in cache
 (`benchmarks/bench_generate.py` measures the steps, `test_rollout.py` the products against float64). It needs
 no build step and no dependency: where no compiler is found, or it fails, a warning says so once and the
 decoding weights stay on oneDNN (`weights.Projection`).

@@ -3,16 +3,16 @@ one matrix (vLLM's QKV layout: one matmul instead of three), and the LM head in 
 rows, the chunks `sampling.sample_plain` walks.
 
 On CPU the matrices are also laid out, once per set of weights, for the fastest product at decoding's batches
-(`layout_of`): fp32 ones for forkflow's own kernel (`decode_matmul`: on an AVX2-only AMD EPYC, Zen 3, a decoding
-step's matmuls at 16 rows ran 1.45-1.55x faster than oneDNN's, on one thread at the tiny shape and on two at
-Qwen3-0.6B's); bf16 ones where the CPU has bf16 matmuls, and fp32 ones where no C compiler is found, are
-prepacked into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
-pass does: 1.4-2x faster than F.linear in bf16 and 1.3-5x in fp32 at those batches). A row's result does not
-depend on the other rows of the batch either way. A laid-out product also applies the elementwise op that
-follows it in the same pass over its output (oneDNN post-ops, or the kernel's epilogue: the product with the
-gate after the MLP's up, the residual sum after o and down; oneDNN also SiLU after the gate). Elsewhere the
-matrices are plain tensors used through F.linear. The laid-out copies live beside the model's own weights
-until the backend releases them.
+(`layout_of`): fp32 ones for forkflow's own kernel (`decode_matmul`; `benchmarks/bench_generate.py` on an
+AVX2-only AMD EPYC, Zen 3: forkflow-fp32 at Qwen3-0.6B's shape took 24.5 ms per token on oneDNN's matmuls and
+12.2 on the kernel, in runs before and after it); bf16 ones where the CPU has bf16 matmuls, and fp32 ones
+where no C compiler is found, are prepacked into oneDNN's blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does: 1.4-2x faster than F.linear in
+bf16 and 1.3-5x in fp32 at those batches). A row's result does not depend on the other rows of the batch
+either way. A laid-out product also applies the elementwise op that follows it in the same pass over its
+output (oneDNN post-ops, or the kernel's epilogue: the product with the gate after the MLP's up, the residual
+sum after o and down; oneDNN also SiLU after the gate). Elsewhere the matrices are plain tensors used through
+F.linear. The laid-out copies live beside the model's own weights until the backend releases them.
 
 `small_ops_on_one_thread`: on a CPU, every op of a prefill or decoding step other than the projections,
 attention and MoE layers (`on_all_threads`) runs on one thread. A torch op over more than 32K elements opens

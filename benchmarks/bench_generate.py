@@ -32,7 +32,7 @@ down projections, then the LM head over the vocabulary), timed alone on forkflow
 the same rounds, each way available on this CPU, the fastest kept: every nn.Linear with F.linear (fp32 on
 MKL, bf16 on oneDNN with unpacked weights), and the fused products forkflow's decoding uses
 (`DecodeWeights`) in each of its CPU layouts: prepacked for oneDNN (vLLM prepacks its projections for
-oneDNN the same way) and, for fp32, forkflow's own kernel (`decode_matmul`). A system's fraction is
+oneDNN the same way) and, for fp32, forkflow's own kernel (`cpu_kernels`). A system's fraction is
 roofline time per token / its time per token, with the roofline of its own dtype (transformers: fp32),
 timed in the same process. It is the fastest matmuls at hand, not the machine's peak.
 

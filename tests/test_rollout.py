@@ -5,6 +5,7 @@ the fp32 model, and `forkflow generate` end to end."""
 import dataclasses
 import json
 import math
+import multiprocessing
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ from forkflow.rollout import (
     SamplingParams,
     ThinkingBudget,
     TorchBackend,
-    decode_matmul,
+    cpu_kernels,
     generate,
+    sampling,
     weights,
 )
 from forkflow.rollout.cli import main as generate_cli
@@ -330,44 +332,94 @@ def test_projection_ops_equal_the_product_then_the_op(layout):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_decode_matmul_equals_the_float64_product(threads):
-    """forkflow's CPU kernel (`decode_matmul`) against float64, over batches on both sides of its tile widths
-    (8 and 16 rows), weight rows on both sides of its groups of 6, strided inputs, and its epilogues."""
+def test_cpu_matmul_equals_the_float64_product(threads):
+    """forkflow's CPU matmul kernel (`cpu_kernels.matmul`) against float64, over batches on both sides of its
+    tile widths (8 and 16 rows), weight rows on both sides of its groups of 6, strided inputs, and its
+    epilogues."""
     g = torch.Generator().manual_seed(0)
     for B, K, N in [(1, 1, 1), (3, 7, 5), (8, 64, 6), (9, 33, 13), (16, 64, 50), (17, 5, 12), (40, 96, 37)]:
         w = torch.randn(N, K, generator=g)
         x = torch.randn(B, 2 * K, generator=g)[:, ::2]  # rows K apart in memory, columns 2 apart
         other = torch.randn(B, N, generator=g)
-        packed = decode_matmul.pack(w)
+        packed = cpu_kernels.pack(w)
         want = x.double() @ w.double().T
         for op, expected in [("none", want), ("add", want + other.double()), ("mul", want * other.double())]:
-            got = decode_matmul.matmul(x, packed, N, threads, op, None if op == "none" else other)
+            got = cpu_kernels.matmul(x, packed, N, threads, op, None if op == "none" else other)
             assert got.shape == (B, N) and got.dtype == torch.float32
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * K ** 0.5, msg=f"{B, K, N, op}")
 
 
-def test_decode_matmul_rows_do_not_depend_on_the_batch_or_the_threads():
+def test_cpu_matmul_rows_do_not_depend_on_the_batch_or_the_threads():
     """A row's product is the same bits alone (an 8-row tile), in a batch of 40 (16-row tiles) and on any
     number of threads: the engine's samples do not depend on which rows decode together."""
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(100, 80, generator=g), torch.randn(40, 80, generator=g)
-    packed = decode_matmul.pack(w)
-    batch = decode_matmul.matmul(x, packed, 100, 1)
-    assert torch.equal(decode_matmul.matmul(x, packed, 100, 4), batch)
+    packed = cpu_kernels.pack(w)
+    batch = cpu_kernels.matmul(x, packed, 100, 1)
+    assert torch.equal(cpu_kernels.matmul(x, packed, 100, 4), batch)
     for row in (0, 17, 39):
-        assert torch.equal(decode_matmul.matmul(x[row : row + 1], packed, 100, 2)[0], batch[row])
+        assert torch.equal(cpu_kernels.matmul(x[row : row + 1], packed, 100, 2)[0], batch[row])
     assert weights.layout_of(w) == "kernel"  # what CPU fp32 decoding gets where the kernel compiles (CI does)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_block_exponentials_equal_the_float64_formula(kernel, threads, monkeypatch):
+    """A chunk's pass of plain sampling (`sampling.block_exponentials`), on forkflow's CPU kernel and on torch's
+    ops, against float64: the new running maximum, exp(max(z - M', floor)), the block masses and Σ e · y, with
+    logits far below the floor, the padding of a last partial block (the dtype's lowest value) and running
+    maxima below and above the chunk's."""
+    monkeypatch.setattr(weights, "_projection_threads", threads)
+    if not kernel:
+        monkeypatch.setattr(sampling.cpu_kernels, "available", lambda: False)
+    g = torch.Generator().manual_seed(2)
+    for B, k in [(1, 1), (3, 5), (7, 2)]:
+        z = torch.randn(B, k, BLOCK, generator=g) * 20
+        z[:, 0, :3] = -500.0  # below M' + EXP_FLOOR
+        z[-1, -1, 100:] = torch.finfo(torch.float32).min  # a padded last block
+        running = torch.full((B,), torch.finfo(torch.float32).min)
+        running[0] = z[0].max() + 3.0  # a maximum from an earlier chunk
+        want_max = torch.maximum(running, z.amax((1, 2))).double()
+        y = (z.double() - want_max[:, None, None]).clamp_min(sampling.EXP_FLOOR)
+        want_e = y.exp()
+        new_max, e, masses, dot = sampling.block_exponentials(z.clone(), running)
+        assert torch.equal(new_max.double(), want_max)
+        # fp32's z - M' is off by up to |y| · 2^-24 (5e-6 relative error in e at the floor)
+        torch.testing.assert_close(e.double(), want_e, rtol=1e-5, atol=0)
+        torch.testing.assert_close(masses.double(), want_e.sum(-1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(dot.double(), (want_e * y).sum((1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def _matmul_in_a_child(queue):
+    w, x = torch.ones(60, 8), torch.ones(3, 8)
+    queue.put(cpu_kernels.matmul(x, cpu_kernels.pack(w), 60, 2).sum().item())
+
+
+def test_cpu_kernels_run_in_a_forked_child():
+    """The kernels' worker threads do not survive fork(): a child of a process whose pool is running starts
+    a pool of its own (a child that waited on its parent's workers would hang)."""
+    w = torch.randn(60, 8)
+    cpu_kernels.matmul(torch.randn(3, 8), cpu_kernels.pack(w), 60, 2)  # the parent's pool is up
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_matmul_in_a_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the kernel hung in a forked child")
+    assert child.exitcode == 0 and queue.get(timeout=5) == 3 * 60 * 8
 
 
 def test_without_a_compiler_decoding_falls_back_to_onednn_with_a_warning(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("FORKFLOW_CACHE", str(tmp_path))
-    decode_matmul.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
         assert weights.layout_of(torch.zeros(4, 4)) == "onednn"
         assert "CPU decoding kernel is unavailable" in capsys.readouterr().err
     finally:
-        decode_matmul.library.cache_clear()
+        cpu_kernels.library.cache_clear()
 
 
 def test_small_ops_run_on_one_thread_and_projections_on_all():

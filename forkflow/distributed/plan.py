@@ -338,19 +338,19 @@ def rollout_prefill_bytes(cfg: Qwen3Config, prompt_tokens: int, attention: Atten
 
 def rollout_decode_bytes(cfg: Qwen3Config, rows: int, length: int, dtype_bytes: int, plain: bool) -> int:
     """A decoding step for `rows` rows whose caches hold up to `length` tokens: the larger of its forward and
-    its sampling, with b' = 2 for bf16 (a product cast to fp32 beside its fp32 copy), 0 for fp32:
+    its sampling:
       forward   rollout_layer_bytes(rows) plus the step's additive mask over `length` keys in the rollout's
                 dtype, rows · length · b (engine.decode's SDPA holds no scores);
       sampling  with plain sampling (temperature 1, no top-k or top-p: sampling.sample_plain) the LM head in
                 chunks of W = min(weights.CHUNK, V) tokens, a chunk's fp32 logits, their exp and the entropy's
-                product of the two, beside the step's fp32 random numbers (2 per block of sampling.BLOCK
-                tokens): rows · (W · (12 + b') + 8 · ceil(V / BLOCK)); otherwise the [rows, V] fp32 logits,
-                scaled logits, probabilities and their cumsum: rows · V · 4 · 4."""
-    cast = dtype_bytes if dtype_bytes < FP32 else 0
+                product of the two (torch's ops, as on a GPU; forkflow's CPU kernel holds the logits alone),
+                beside the step's fp32 random numbers (2 per block of sampling.BLOCK tokens):
+                rows · (W · 12 + 8 · ceil(V / BLOCK)); otherwise the [rows, V] fp32 logits, scaled logits,
+                probabilities and their cumsum: rows · V · 4 · 4."""
     forward = rollout_layer_bytes(cfg, rows, dtype_bytes) + rows * length * dtype_bytes
     if plain:
         uniforms = 2 * FP32 * math.ceil(cfg.vocab_size / BLOCK)
-        sampling = rows * (min(CHUNK, cfg.vocab_size) * (3 * FP32 + cast) + uniforms)
+        sampling = rows * (min(CHUNK, cfg.vocab_size) * 3 * FP32 + uniforms)
     else:
         sampling = rows * cfg.vocab_size * 4 * FP32
     return max(forward, sampling)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from forkflow.ops import log_normalizer_and_entropy, statistics_dtype
-from forkflow.rollout.weights import Head
+from forkflow.rollout import cpu_kernels
+from forkflow.rollout.weights import Head, kernel_threads, small_ops_on_one_thread
 
 # the forking-token paper: 80th percentile of Qwen3-8B's chain-of-thought token entropy on AIME
 PAPER_ENTROPY_THRESHOLD = 0.672
@@ -211,8 +212,9 @@ def next_tokens(
 ) -> StepChoice:
     """The last position's hidden states [B, H] and the LM head (`weights.Head`) -> every row's next token,
     drawn with the random numbers of (its stream key [B], its counter [B]) (`keyed_uniforms`)."""
-    if params.plain:
-        return sample_plain(hidden, head, keyed_uniforms(keys, counters, 2 * _blocks(len(head.weight))))
+    if params.plain:  # its ops over more than a chunk's [B, k] block masses are the LM head's and the kernel's
+        with small_ops_on_one_thread(hidden.device):
+            return sample_plain(hidden, head, keyed_uniforms(keys, counters, 2 * _blocks(len(head.weight))))
     logits = head.logits(hidden).to(statistics_dtype(head.weight.dtype))
     return choose_tokens(logits, params, keyed_uniforms(keys, counters))
 
@@ -270,6 +272,19 @@ def _block_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.view(logits.shape[0], -1, BLOCK)
 
 
+def block_exponentials(z: torch.Tensor, running_max: torch.Tensor):
+    """A chunk's logits z [B, k, BLOCK] (overwritten) and each row's maximum logit so far [B] -> (the new maximum
+    M' [B], e = exp(y) [B, k, BLOCK], its block masses e.sum(-1) [B, k], Σ e · y [B]) with y = max(z - M',
+    EXP_FLOOR): forkflow's CPU kernel (`cpu_kernels.block_softmax`, two sweeps over the chunk per row) where it
+    runs, else eight torch ops over the chunk."""
+    if z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous() and cpu_kernels.available():
+        return cpu_kernels.block_softmax(z, running_max, EXP_FLOOR, kernel_threads())
+    new_max = torch.maximum(running_max, z.amax((1, 2)))
+    y = z.sub_(new_max[:, None, None]).clamp_min_(EXP_FLOOR)
+    e = y.exp()
+    return new_max, e, e.sum(-1), torch.linalg.vecdot(e.flatten(1), y.flatten(1))
+
+
 def sample_plain(hidden: torch.Tensor, head: Head, uniforms: torch.Tensor) -> StepChoice:
     """A token from softmax(hidden · Wᵀ) per row, with that distribution's logsumexp and entropy, in one pass
     over the vocabulary, one chunk of the head (weights.CHUNK logits) at a time: no [B, V] tensor, where
@@ -297,21 +312,18 @@ def sample_plain(hidden: torch.Tensor, head: Head, uniforms: torch.Tensor) -> St
     block = torch.zeros(B, dtype=torch.long, device=hidden.device)  # the last replacing block so far
     candidate = torch.zeros(B, BLOCK, dtype=dtype, device=hidden.device)  # its exp(z - its chunk's max)
     for start, projection in head.chunks:
-        z = _block_logits(projection(hidden))  # [B, k, BLOCK]
-        k = z.shape[1]
-        new_M = torch.maximum(M, z.amax((1, 2)))
-        y = z.sub_(new_M[:, None, None]).clamp_min_(EXP_FLOOR)
-        e = y.exp()
-        w = e.sum(-1)  # [B, k] block masses relative to new_M
+        new_M, e, w, dot = block_exponentials(_block_logits(projection(hidden)), M)  # w: [B, k] block masses
+        k = w.shape[1]
         rescale = (M - new_M).exp_()
         mass = (S * rescale)[:, None] + w.cumsum(-1)  # W_j
-        D = rescale * (D + (M - new_M) * S) + torch.linalg.vecdot(e.view(B, -1), y.view(B, -1))
+        D = rescale * (D + (M - new_M) * S) + dot
         M, S = new_M, mass[:, -1]
         replace = uniforms[:, start // BLOCK : start // BLOCK + k, 0] * mass < w
-        last = (replace * torch.arange(1, k + 1, device=z.device)).argmax(-1)  # the last replacement
+        last = (replace * torch.arange(1, k + 1, device=w.device)).argmax(-1)  # the last replacement
         replaced = replace.any(-1)
         block = torch.where(replaced, start // BLOCK + last, block)
         candidate = torch.where(replaced[:, None], e[rows, last], candidate)
+        del e  # not kept beside the next chunk's logits, exponentials and their product (the plan's 3 chunks)
     tokens = block * BLOCK + draw(candidate, uniforms[rows, block, 1])[:, 0]
     log_normalizer = M + S.log()
     entropies = (S.log() - D / S).clamp_(min=0.0)

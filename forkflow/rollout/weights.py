@@ -3,7 +3,7 @@ one matrix (vLLM's QKV layout: one matmul instead of three), and the LM head in 
 rows, the chunks `sampling.sample_plain` walks.
 
 On CPU the matrices are also laid out, once per set of weights, for the fastest product at decoding's batches
-(`layout_of`): fp32 ones for forkflow's own kernel (`decode_matmul`; `benchmarks/bench_generate.py` on an
+(`layout_of`): fp32 ones for forkflow's own kernel (`cpu_kernels`; `benchmarks/bench_generate.py` on an
 AVX2-only AMD EPYC, Zen 3: forkflow-fp32 at Qwen3-0.6B's shape took 24.5 ms per token on oneDNN's matmuls and
 12.2 on the kernel, in runs before and after it); bf16 ones where the CPU has bf16 matmuls, and fp32 ones
 where no C compiler is found, are prepacked into oneDNN's blocked layout
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from forkflow.models.qwen3 import MLP, Qwen3ForCausalLM
-from forkflow.rollout import decode_matmul
+from forkflow.rollout import cpu_kernels
 
 PACK_BATCH = 16  # the batch oneDNN picks its blocked layout for (every batch runs on it)
 # vocabulary rows of a chunk of the LM head, 256 of `sampling.sample_plain`'s blocks of 128: it holds [B, CHUNK] logits
@@ -55,12 +55,12 @@ def warn_if_bf16_is_emulated(dtype: torch.dtype, device: torch.device, fix: str)
 
 
 def layout_of(weight: torch.Tensor) -> str:
-    """How `Projection` holds `weight`: "kernel" (a CPU fp32 matrix where `decode_matmul` compiles), "onednn"
+    """How `Projection` holds `weight`: "kernel" (a CPU fp32 matrix where `cpu_kernels` compiles), "onednn"
     (prepacked: a CPU fp32 matrix otherwise, in a build with oneDNN, or a bf16 one where the CPU has bf16
     matmuls; oneDNN refuses to pack bf16 elsewhere), or "plain" (F.linear)."""
     if weight.device.type != "cpu":
         return "plain"
-    if weight.dtype == torch.float32 and decode_matmul.available():
+    if weight.dtype == torch.float32 and cpu_kernels.available():
         return "kernel"
     if torch.backends.mkldnn.is_available() and (
         weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_bf16_matmuls())
@@ -91,6 +91,12 @@ def small_ops_on_one_thread(device: torch.device) -> Iterator[None]:
         _projection_threads = 0
 
 
+def kernel_threads() -> int:
+    """The threads forkflow's CPU kernels (`cpu_kernels`) run on: all of torch's, also inside
+    `small_ops_on_one_thread`."""
+    return _projection_threads or torch.get_num_threads()
+
+
 def on_all_threads(function, *args, **kwargs):
     """function(*args, **kwargs) on all of torch's threads, also inside `small_ops_on_one_thread`."""
     if not _projection_threads:
@@ -110,15 +116,14 @@ class Projection:
         weight = weight.detach()
         self.layout, self.shape = layout or layout_of(weight), weight.shape
         if self.layout == "kernel":
-            self.weight = decode_matmul.pack(weight)
+            self.weight = cpu_kernels.pack(weight)
         elif self.layout == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
         else:
             self.weight = weight
 
     def _kernel(self, x: torch.Tensor, op: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
-        return decode_matmul.matmul(x, self.weight, self.shape[0], _projection_threads or torch.get_num_threads(),
-                                    op, other)  # fmt: skip
+        return cpu_kernels.matmul(x, self.weight, self.shape[0], kernel_threads(), op, other)
 
     def _onednn(self, x: torch.Tensor, op: str, other: torch.Tensor | None = None) -> torch.Tensor:
         if other is None:  # a unary post-op ("none", "swish")

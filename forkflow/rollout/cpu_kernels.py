@@ -1,12 +1,13 @@
-"""The decoding steps' fp32 matmuls on CPU as a small C kernel (`decode_matmul.c`), compiled with the system's
-C compiler on first use for this machine (`-O3 -march=native`) into a cache directory and loaded with ctypes.
+"""forkflow's decoding kernels for CPU (`cpu_kernels.c`): the fp32 matmuls of the decoding steps and the pass
+over each chunk of logits of plain sampling, compiled with the system's C compiler on first use for this
+machine (`-O3 -march=native`) into a cache directory and loaded with ctypes.
 
 At decoding's batches oneDNN's fp32 matmuls ran at about half of a core's multiply-add peak in a profile (an
 AMD EPYC Zen 3 with AVX2: 49 of ~95 GFLOP/s for 16 rows against Qwen3's LM head on one thread), short of what
 the weight stream allows; the kernel reads each weight once per call and keeps the batch in cache
 (`benchmarks/bench_generate.py` measures the steps, `test_rollout.py` the products against float64). It needs
-no build step and no dependency: where no compiler is found, or it fails, a warning says so once and the
-decoding weights stay on oneDNN (`weights.Projection`).
+no build step and no dependency: where no compiler is found, or it fails, a warning says so once and decoding
+stays on torch's ops (the weights on oneDNN: `weights.Projection`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_matmul.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 OPS = {"none": 0, "add": 1, "mul": 2}
-ROWS = 6  # weight rows per packed group (R in decode_matmul.c)
+ROWS = 6  # weight rows per packed group (R in cpu_kernels.c)
 
 
 def cache_dir() -> Path:
@@ -50,7 +51,7 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as error:
         return _unavailable(f"{compiler} --version failed: {error}")
     key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _machine().encode()).hexdigest()[:16]
-    target = cache_dir() / f"decode_matmul-{key}.so"
+    target = cache_dir() / f"cpu_kernels-{key}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +68,11 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except OSError as error:
         return _unavailable(f"cannot load {target} ({error}); delete it to compile it again")
-    lib.ff_decode_matmul.restype = ctypes.c_int
-    lib.ff_decode_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+    lib.ff_block_softmax.restype = None
+    lib.ff_block_softmax.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                                              ctypes.c_int]  # fmt: skip
+    lib.ff_matmul.restype = ctypes.c_int
+    lib.ff_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]  # fmt: skip
     return lib
@@ -94,7 +98,7 @@ def available() -> bool:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] fp32 -> the kernel's layout [ceil(N / ROWS), K, ROWS] (see decode_matmul.c), a copy."""
+    """weight [N, K] fp32 -> the kernel's layout [ceil(N / ROWS), K, ROWS] (see cpu_kernels.c), a copy."""
     N, K = weight.shape
     padded = torch.nn.functional.pad(weight.detach().float(), (0, 0, 0, -N % ROWS))
     return padded.view(-1, ROWS, K).transpose(1, 2).contiguous()
@@ -117,10 +121,22 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int, threads: int, op: s
         if other.stride(-1) != 1:
             other = other.contiguous()
         ldo = other.stride(0)
-    status = library().ff_decode_matmul(
+    status = library().ff_matmul(
         x2.data_ptr(), x2.stride(0), packed.data_ptr(), out.data_ptr(), rows,
         0 if other is None else other.data_ptr(), ldo, x2.shape[0], K, rows, OPS[op], threads,
     )  # fmt: skip
     if status != 0:
-        raise MemoryError(f"decode_matmul: out of memory for a [{x2.shape[0]}, {K}] batch")
+        raise MemoryError(f"cpu_kernels.matmul: out of memory for a [{x2.shape[0]}, {K}] batch")
     return out.view(*lead, rows)
+
+
+def block_softmax(z: torch.Tensor, running_max: torch.Tensor, floor: float, threads: int):
+    """One chunk's pass of `sampling.sample_plain`: logits z [B, k, BLOCK] fp32 (contiguous, overwritten) and
+    each row's maximum so far [B] -> (M' = max(running_max, max z) [B], e = exp(max(z - M', floor)) [B, k,
+    BLOCK] (z itself), block masses e.sum(-1) [B, k], Σ e · y over the chunk [B], y = max(z - M', floor))."""
+    B, k, block = z.shape
+    new_max, masses, dot = z.new_empty(B), z.new_empty(B, k), z.new_empty(B)
+    running_max = running_max.contiguous()
+    library().ff_block_softmax(z.data_ptr(), running_max.data_ptr(), new_max.data_ptr(), masses.data_ptr(),
+                               dot.data_ptr(), B, k, floor, threads)  # fmt: skip
+    return new_max, z, masses, dot

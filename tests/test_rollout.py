@@ -388,6 +388,11 @@ def test_block_exponentials_equal_the_float64_formula(kernel, threads, monkeypat
         torch.testing.assert_close(e.double(), want_e, rtol=1e-5, atol=0)
         torch.testing.assert_close(masses.double(), want_e.sum(-1), rtol=1e-5, atol=0)
         torch.testing.assert_close(dot.double(), (want_e * y).sum((1, 2)), rtol=1e-5, atol=1e-5)
+    z = torch.randn(3, 1, BLOCK, generator=g)
+    z[1, 0, 5], z[2, 0, 9] = float("nan"), float("inf")  # a broken model's logits stay visible as NaN
+    new_max, _, _, dot = sampling.block_exponentials(z, torch.full((3,), torch.finfo(torch.float32).min))
+    assert new_max[0].isfinite() and dot[0].isfinite()
+    assert not new_max[1:].isfinite().any() and dot[1:].isnan().all()
 
 
 def _matmul_in_a_child(queue):

@@ -43,10 +43,13 @@ static void store(const job *j, int64_t b0, int64_t n, int width, const float t[
     const int64_t rows = j->B - b0 < width ? j->B - b0 : width, cols = j->N - n < R ? j->N - n : R;
     for (int64_t b = 0; b < rows; b++) {
         float *y = j->y + (b0 + b) * j->ldy + n;
+        if (j->op == OP_NONE) {
+            for (int64_t r = 0; r < cols; r++) y[r] = t[r][b];
+            continue;
+        }
         const float *o = j->other + (b0 + b) * j->ldo + n;
         if (j->op == OP_ADD) for (int64_t r = 0; r < cols; r++) y[r] = t[r][b] + o[r];
-        else if (j->op == OP_MUL) for (int64_t r = 0; r < cols; r++) y[r] = t[r][b] * o[r];
-        else for (int64_t r = 0; r < cols; r++) y[r] = t[r][b];
+        else for (int64_t r = 0; r < cols; r++) y[r] = t[r][b] * o[r];
     }
 }
 
@@ -139,7 +142,10 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-/* In a forked child only the forking thread exists: it starts workers of its own when it needs them. */
+/* fork() waits for a call in progress (call_lock), so that no lock is held in the child, where only the
+ * forking thread exists: it starts workers of its own when it needs them. */
+static void before_fork(void) { pthread_mutex_lock(&call_lock); }
+static void after_fork_in_parent(void) { pthread_mutex_unlock(&call_lock); }
 static void after_fork_in_child(void) {
     pthread_mutex_init(&call_lock, NULL);
     pthread_mutex_init(&lock, NULL);
@@ -153,8 +159,8 @@ static void after_fork_in_child(void) {
 /* fn(ctx, part) for every part in [0, parts): workers run parts 1.., the caller part 0 (and the parts of
  * any worker that cannot start); returns when all are done. One call at a time. */
 static void run_parts(task_fn fn, const void *ctx, int parts) {
+    if (!fork_handler) fork_handler = pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child) == 0;
     pthread_mutex_lock(&call_lock);
-    if (!fork_handler) fork_handler = pthread_atfork(NULL, NULL, after_fork_in_child) == 0;
     for (; started < parts; started++) {
         pthread_t id;
         if (pthread_create(&id, NULL, worker, (void *)(intptr_t)started) != 0) break;
@@ -195,7 +201,7 @@ int ff_matmul(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy
     const int width = B <= 8 ? 8 : 16;
     const int64_t tiles = (B + width - 1) / width, groups = (N + R - 1) / R;
     float *xt = calloc((size_t)(tiles * K * width), sizeof(float));
-    if (xt == NULL) return -1;
+    if (xt == NULL && tiles * K > 0) return -1;
     for (int64_t b = 0; b < B; b++)
         for (int64_t k = 0; k < K; k++) xt[(b / width) * K * width + k * width + b % width] = x[b * ldx + k];
     const int64_t units = width == 16 ? groups : (groups + 1) / 2; /* a tile8 takes two groups */
@@ -211,7 +217,7 @@ int ff_matmul(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy
     return 0;
 }
 
-/* exp(y) for y in [-87.3, 0] (Cephes' expf: y = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial in r,
+/* exp(y) for y in [-87, 0] (Cephes' expf: y = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial in r,
  * times 2^n through the exponent bits), within 2 ulp of the exact value */
 typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8 exp_nonpositive(v8 y) {
@@ -248,12 +254,15 @@ static void run_softmax(const void *arg, int part) {
     const int64_t n = j->blocks * BLOCK;
     for (int64_t b = part * j->rows_per_part; b < (part + 1) * j->rows_per_part && b < j->B; b++) {
         float *z = j->z + b * n;
-        const v8 floor = (v8){0} + j->floor;
+        const v8 floor = (v8){0} + j->floor, inf = (v8){0} + __builtin_inff();
+        const float nan = __builtin_nanf("");
         v8 top = {0};
+        v8i bad = {0};
         top += j->m[b];
         for (int64_t i = 0; i < n; i += 8) {
             const v8 x = *(v8u *)(z + i);
             top = max8(x, top);
+            bad |= (x != x) | (x == inf); /* NaN or +inf: the row's statistics become NaN, as with torch's ops */
         }
         float m = top[0];
         for (int l = 1; l < 8; l++) m = top[l] > m ? top[l] : m;
@@ -276,16 +285,19 @@ static void run_softmax(const void *arg, int part) {
             j->w[b * j->blocks + k] = block;
             dot += block_ey;
         }
-        j->m_out[b] = m;
-        j->d[b] = (float)dot;
+        int broken = 0;
+        for (int l = 0; l < 8; l++) broken |= bad[l];
+        j->m_out[b] = broken ? nan : m;
+        j->d[b] = broken ? nan : (float)dot;
     }
 }
 
 /* For each row b of z [B, blocks · BLOCK] (contiguous): M' = max(m[b], max z[b]); z[b] := e = exp(y) with
- * y = max(z[b] - M', floor); w[b, k] = the sum of block k's e; d[b] = Σ e · y; m_out[b] = M'. threads split
- * the rows. */
+ * y = max(z[b] - M', floor); w[b, k] = the sum of block k's e; d[b] = Σ e · y; m_out[b] = M' (m_out[b] and
+ * d[b] NaN where z[b] holds a NaN or +inf). floor in [-87, 0]. threads split the rows. */
 void ff_block_softmax(float *z, const float *m, float *m_out, float *w, float *d, int64_t B, int64_t blocks,
                       float floor, int threads) {
+    if (!(floor >= -87.0f && floor <= 0.0f)) floor = -87.0f; /* exp_nonpositive's range */
     threads = clamp_threads(threads, B);
     const softmax_job j = {z, m, m_out, w, d, B, blocks, (B + threads - 1) / threads, floor};
     run_parts(run_softmax, &j, threads);

@@ -117,6 +117,9 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int, threads: int, op: s
         return out.view(*lead, rows)
     ldo = 0
     if other is not None:
+        if other.shape[:-1] != lead or other.shape[-1] != rows:
+            raise ValueError(f"cpu_kernels.matmul: other has shape {tuple(other.shape)}, the product "
+                             f"{(*lead, rows)}")  # fmt: skip
         other = other.reshape(-1, rows)
         if other.stride(-1) != 1:
             other = other.contiguous()

@@ -14,8 +14,9 @@ output (oneDNN post-ops, or the kernel's epilogue: the product with the gate aft
 sum after o and down; oneDNN also SiLU after the gate). Elsewhere the matrices are plain tensors used through
 F.linear. The laid-out copies live beside the model's own weights until the backend releases them.
 
-`small_ops_on_one_thread`: on a CPU, every op of a prefill or decoding step other than the projections,
-attention and MoE layers (`on_all_threads`) runs on one thread. A torch op over more than 32K elements opens
+`small_ops_on_one_thread`: on a CPU, every op of a prefill or decoding step, and of plain sampling, other than
+the projections, attention and MoE layers (`on_all_threads`) and forkflow's kernels (`kernel_threads`) runs on
+one thread. A torch op over more than 32K elements opens
 an OpenMP parallel region, and between two such regions the other threads go to sleep (OMP_WAIT_POLICY=PASSIVE,
 and the default policy after a short spin): waking them cost 50-100 us per op on a shared 2-core host, more
 than the op itself on one thread (5-20 us for a decoding batch's [16, 24, 128] q/k heads), while the

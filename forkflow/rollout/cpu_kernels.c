@@ -234,24 +234,22 @@ static inline v8 exp_nonpositive(v8 y) {
     return p * scale.f;
 }
 
-#define BLOCK 128 /* sampling.BLOCK */
-
 static inline v8 max8(v8 a, v8 b) {
     const v8i a_wins = a > b;
     return (v8)((a_wins & (v8i)a) | (~a_wins & (v8i)b));
 }
 
 typedef struct {
-    float *z;        /* [B, blocks * BLOCK], row stride blocks * BLOCK: the logits in, exp(y) out */
+    float *z;        /* [B, blocks * block], contiguous: the logits in, exp(y) out */
     const float *m;  /* [B] the running maximum before the chunk */
     float *m_out, *w, *d; /* [B], [B, blocks], [B] */
-    int64_t B, blocks, rows_per_part;
+    int64_t B, blocks, block, rows_per_part;
     float floor;
 } softmax_job;
 
 static void run_softmax(const void *arg, int part) {
     const softmax_job *j = arg;
-    const int64_t n = j->blocks * BLOCK;
+    const int64_t n = j->blocks * j->block;
     for (int64_t b = part * j->rows_per_part; b < (part + 1) * j->rows_per_part && b < j->B; b++) {
         float *z = j->z + b * n;
         const v8 floor = (v8){0} + j->floor, inf = (v8){0} + __builtin_inff();
@@ -269,7 +267,7 @@ static void run_softmax(const void *arg, int part) {
         double dot = 0;
         for (int64_t k = 0; k < j->blocks; k++) {
             v8 mass = {0}, ey = {0};
-            for (int64_t i = k * BLOCK; i < (k + 1) * BLOCK; i += 8) {
+            for (int64_t i = k * j->block; i < (k + 1) * j->block; i += 8) {
                 v8 y = *(v8u *)(z + i) - m;
                 y = max8(y, floor);
                 const v8 e = exp_nonpositive(y);
@@ -277,12 +275,12 @@ static void run_softmax(const void *arg, int part) {
                 mass += e;
                 ey += e * y;
             }
-            float block = 0, block_ey = 0;
+            float block_mass = 0, block_ey = 0;
             for (int l = 0; l < 8; l++) {
-                block += mass[l];
+                block_mass += mass[l];
                 block_ey += ey[l];
             }
-            j->w[b * j->blocks + k] = block;
+            j->w[b * j->blocks + k] = block_mass;
             dot += block_ey;
         }
         int broken = 0;
@@ -292,13 +290,14 @@ static void run_softmax(const void *arg, int part) {
     }
 }
 
-/* For each row b of z [B, blocks · BLOCK] (contiguous): M' = max(m[b], max z[b]); z[b] := e = exp(y) with
- * y = max(z[b] - M', floor); w[b, k] = the sum of block k's e; d[b] = Σ e · y; m_out[b] = M' (m_out[b] and
- * d[b] NaN where z[b] holds a NaN or +inf). floor in [-87, 0]. threads split the rows. */
+/* For each row b of z [B, blocks · block] (contiguous; block a multiple of 8): M' = max(m[b], max z[b]);
+ * z[b] := e = exp(y) with y = max(z[b] - M', floor); w[b, k] = the sum of block k's e; d[b] = Σ e · y;
+ * m_out[b] = M' (m_out[b] and d[b] NaN where z[b] holds a NaN or +inf). floor in [-87, 0]. threads split
+ * the rows. */
 void ff_block_softmax(float *z, const float *m, float *m_out, float *w, float *d, int64_t B, int64_t blocks,
-                      float floor, int threads) {
+                      int64_t block, float floor, int threads) {
     if (!(floor >= -87.0f && floor <= 0.0f)) floor = -87.0f; /* exp_nonpositive's range */
     threads = clamp_threads(threads, B);
-    const softmax_job j = {z, m, m_out, w, d, B, blocks, (B + threads - 1) / threads, floor};
+    const softmax_job j = {z, m, m_out, w, d, B, blocks, block, (B + threads - 1) / threads, floor};
     run_parts(run_softmax, &j, threads);
 }

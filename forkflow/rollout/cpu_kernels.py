@@ -69,8 +69,7 @@ def library() -> ctypes.CDLL | None:
     except OSError as error:
         return _unavailable(f"cannot load {target} ({error}); delete it to compile it again")
     lib.ff_block_softmax.restype = None
-    lib.ff_block_softmax.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                                                              ctypes.c_int]  # fmt: skip
+    lib.ff_block_softmax.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
     lib.ff_matmul.restype = ctypes.c_int
     lib.ff_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -134,12 +133,13 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int, threads: int, op: s
 
 
 def block_softmax(z: torch.Tensor, running_max: torch.Tensor, floor: float, threads: int):
-    """One chunk's pass of `sampling.sample_plain`: logits z [B, k, BLOCK] fp32 (contiguous, overwritten) and
-    each row's maximum so far [B] -> (M' = max(running_max, max z) [B], e = exp(max(z - M', floor)) [B, k,
-    BLOCK] (z itself), block masses e.sum(-1) [B, k], Σ e · y over the chunk [B], y = max(z - M', floor))."""
+    """One chunk's pass of `sampling.sample_plain`: logits z [B, k, block] fp32 (contiguous, overwritten; block a
+    multiple of 8) and each row's maximum so far [B] -> (M' = max(running_max, max z) [B],
+    e = exp(max(z - M', floor)) [B, k, block] (z itself), block masses e.sum(-1) [B, k], Σ e · y over the
+    chunk [B], y = max(z - M', floor))."""
     B, k, block = z.shape
     new_max, masses, dot = z.new_empty(B), z.new_empty(B, k), z.new_empty(B)
     running_max = running_max.contiguous()
     library().ff_block_softmax(z.data_ptr(), running_max.data_ptr(), new_max.data_ptr(), masses.data_ptr(),
-                               dot.data_ptr(), B, k, floor, threads)  # fmt: skip
+                               dot.data_ptr(), B, k, block, floor, threads)  # fmt: skip
     return new_max, z, masses, dot

@@ -212,7 +212,7 @@ def next_tokens(
 ) -> StepChoice:
     """The last position's hidden states [B, H] and the LM head (`weights.Head`) -> every row's next token,
     drawn with the random numbers of (its stream key [B], its counter [B]) (`keyed_uniforms`)."""
-    if params.plain:  # its ops over more than a chunk's [B, k] block masses are the LM head's and the kernel's
+    if params.plain:  # on CPU its ops over whole chunks are the LM head's and the kernel's; the rest are small
         with small_ops_on_one_thread(hidden.device):
             return sample_plain(hidden, head, keyed_uniforms(keys, counters, 2 * _blocks(len(head.weight))))
     logits = head.logits(hidden).to(statistics_dtype(head.weight.dtype))

@@ -20,6 +20,7 @@ from forkflow.rollout import (
     ThinkingBudget,
     TorchBackend,
     cpu_kernels,
+    engine,
     generate,
     sampling,
     weights,
@@ -52,10 +53,11 @@ def left_padded(prompts):
 @pytest.mark.parametrize("layout", ["kernel", "onednn", "plain"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_greedy_equals_transformers_generate(tiny_checkpoint, moe, layout, monkeypatch):
-    """Decoding weights for forkflow's CPU kernel (what CPU fp32 gets), prepacked for oneDNN (CPU fp32
-    without a C compiler) and plain ones through F.linear (other devices; a CPU bf16 rollout without bf16
-    matmuls)."""
+    """Decoding weights for forkflow's CPU kernels (what CPU fp32 gets, attention on the kernel too), prepacked
+    for oneDNN (CPU fp32 without a C compiler: attention through SDPA) and plain ones through F.linear (other
+    devices; a CPU bf16 rollout without bf16 matmuls: SDPA)."""
     monkeypatch.setattr(weights, "layout_of", lambda weight: layout)
+    monkeypatch.setattr(engine, "attention_kernel", lambda keys: layout == "kernel")
     path, ref = tiny_checkpoint(moe=moe)
     model = from_pretrained(path)
     first = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
@@ -393,6 +395,55 @@ def test_block_exponentials_equal_the_float64_formula(kernel, threads, monkeypat
     new_max, _, _, dot = sampling.block_exponentials(z, torch.full((3,), torch.finfo(torch.float32).min))
     assert new_max[0].isfinite() and dot[0].isfinite()
     assert not new_max[1:].isfinite().any() and dot[1:].isnan().all()
+
+
+def float64_attention(q, keys, values, lengths):
+    """softmax(q · Kᵀ / sqrt(D)) · V in float64 for each row over its first lengths[b] columns, query head i on
+    key/value head i // G: [B, heads · D]."""
+    B, heads, D = q.shape
+    G = heads // keys.shape[1]
+    rows = []
+    for b, n in enumerate(lengths.tolist()):
+        k, v = (t[b, :, :n].double().repeat_interleave(G, 0) for t in (keys, values))  # [heads, n, D]
+        p = (torch.einsum("hd,hnd->hn", q[b].double(), k) * D**-0.5).softmax(-1)
+        rows.append(torch.einsum("hn,hnd->hd", p, v).flatten())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_attention_equals_the_float64_softmax(threads):
+    """forkflow's CPU decoding attention (`cpu_kernels.decode_attention`) against float64: the new keys and values
+    land in each row's slot at its last column, and the attention over the slot matches with G = 1, 2 and 8
+    query heads per key/value head, head sizes 64, 72 and 128, rows that see 1 column, the whole capacity and
+    lengths on both sides of its chunks of 64 keys (the online softmax's rescaling), scores spread wide enough
+    that a chunk's maximum moves, q, k and v strided as the engine's are (views of q/k/v together), cache slots
+    beyond the batch; and a row's result is the same bits alone, in the batch and on any number of threads."""
+    g = torch.Generator().manual_seed(3)
+    for B, heads, KV, D, capacity in [(5, 4, 2, 64, 200), (6, 16, 8, 128, 130), (3, 8, 8, 72, 70), (2, 16, 2, 128, 65)]:
+        keys, values = (torch.randn(B + 2, KV, capacity, D, generator=g) for _ in range(2))
+        keys[:, :, 64:] *= 4  # later chunks hold larger scores: the running maximum moves
+        qkv = torch.randn(B, 1, heads + 2 * KV, D, generator=g)
+        q, k, v = qkv[:, 0].split([heads, KV, KV], dim=1)  # rows (heads + 2 KV) · D apart
+        q = q * 2
+        lengths = torch.randint(1, capacity + 1, (B,), generator=g)
+        lengths[:2] = torch.tensor([1, capacity])
+        want_keys, want_values = keys.clone(), values.clone()
+        for b, n in enumerate(lengths.tolist()):
+            want_keys[b, :, n - 1], want_values[b, :, n - 1] = k[b], v[b]
+        alone_keys, alone_values = keys[1:].clone(), values[1:].clone()
+        got = cpu_kernels.decode_attention(q, k, v, keys, values, lengths, D**-0.5, threads)
+        assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+        assert got.shape == (B, heads * D) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), float64_attention(q, keys, values, lengths), rtol=1e-5, atol=1e-5,
+                                   msg=f"{B, heads, KV, D, capacity}")  # fmt: skip
+        alone = cpu_kernels.decode_attention(q[1:2], k[1:2], v[1:2], alone_keys, alone_values, lengths[1:2],
+                                             D**-0.5, 1)  # fmt: skip
+        assert torch.equal(alone[0], got[1])
+    keys, values = (torch.randn(2, 2, 8, 64, generator=g) for _ in range(2))
+    q, k, v = torch.randn(2, 4, 64, generator=g), torch.randn(2, 2, 64, generator=g), torch.randn(2, 2, 64, generator=g)
+    keys[1, 0, 2, 5] = float("nan")  # a broken model's key: its head's queries come out NaN, as with SDPA
+    got = cpu_kernels.decode_attention(q, k, v, keys, values, torch.tensor([8, 8]), 0.125, threads)
+    assert got[0].isfinite().all() and got[1, :128].isnan().all() and got[1, 128:].isfinite().all()
 
 
 def _matmul_in_a_child(queue):

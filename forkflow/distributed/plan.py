@@ -340,7 +340,8 @@ def rollout_decode_bytes(cfg: Qwen3Config, rows: int, length: int, dtype_bytes: 
     """A decoding step for `rows` rows whose caches hold up to `length` tokens: the larger of its forward and
     its sampling:
       forward   rollout_layer_bytes(rows) plus the step's additive mask over `length` keys in the rollout's
-                dtype, rows · length · b (engine.decode's SDPA holds no scores);
+                dtype, rows · length · b (engine.decode's SDPA, as on a GPU, holds no scores; forkflow's CPU
+                attention kernel needs no mask);
       sampling  with plain sampling (temperature 1, no top-k or top-p: sampling.sample_plain) the LM head in
                 chunks of W = min(weights.CHUNK, V) tokens, a chunk's fp32 logits, their exp and the entropy's
                 product of the two (torch's ops, as on a GPU; forkflow's CPU kernel holds the logits alone),

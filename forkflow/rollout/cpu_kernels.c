@@ -11,6 +11,10 @@
  * ff_block_softmax: one chunk of logits' pass of sampling.sample_plain (its maximum, exponentials, block
  * masses and Σ e·y) in two sweeps per row instead of eight torch ops over the chunk.
  *
+ * ff_decode_attention: a decoding step's attention, one query token per row: the row's new key and value
+ * written into its cache slot, then attention over the slot's keys and values up to the row's own length
+ * (not the longest row's), each key/value head read once for its G query heads.
+ *
  * Threads: a pool of workers started on first use and kept (creating a thread per call cost ~100 us on a
  * shared VM, more than a small projection's product). A worker spins for a short while after its share
  * (the next projection of a decoding step comes within microseconds), then sleeps on a condition variable.
@@ -300,4 +304,107 @@ void ff_block_softmax(float *z, const float *m, float *m_out, float *w, float *d
     threads = clamp_threads(threads, B);
     const softmax_job j = {z, m, m_out, w, d, B, blocks, block, (B + threads - 1) / threads, floor};
     run_parts(run_softmax, &j, threads);
+}
+
+typedef struct {
+    const float *q;                  /* row b's query heads [KV, G, D] at q + b * ldq */
+    const float *k_new, *v_new;      /* row b's new key / value heads [KV, D] at + b * ld_new_k / ld_new_v */
+    float *k, *v;                    /* [B.., KV, capacity, D]: row b's head h at (b * KV + h) * capacity * D */
+    const int64_t *lengths;          /* [B] columns each row sees, its new key / value at the last */
+    float *out;                      /* [B, KV, G, D] */
+    int64_t ldq, ld_new_k, ld_new_v, KV, G, D, capacity, items;
+    float scale;
+    _Atomic int64_t *next;           /* the next (row, head) item to take */
+} attention_job;
+
+#define KEYS 64 /* keys per chunk of the online softmax */
+
+static inline float hsum8(v8 a) {
+    float s = 0;
+    for (int l = 0; l < 8; l++) s += a[l];
+    return s;
+}
+
+/* one (row, key/value head) item: softmax(q_g · K[:n]ᵀ · scale) · V[:n] for each of its G query heads, over
+ * chunks of KEYS keys with a running maximum and sum (the online softmax) */
+static void attend_item(const attention_job *j, int64_t item) {
+    const int64_t G = j->G, D = j->D, b = item / j->KV, h = item % j->KV, n = j->lengths[b];
+    const float *q = j->q + b * j->ldq + h * G * D;
+    float *K = j->k + item * j->capacity * D, *V = j->v + item * j->capacity * D;
+    float *out = j->out + item * G * D;
+    for (int64_t d = 0; d < D; d++) {
+        K[(n - 1) * D + d] = j->k_new[b * j->ld_new_k + h * D + d];
+        V[(n - 1) * D + d] = j->v_new[b * j->ld_new_v + h * D + d];
+    }
+    float s[G][KEYS], m[G], l[G];
+    for (int64_t g = 0; g < G; g++) {
+        m[g] = -__builtin_inff();
+        l[g] = 0;
+        for (int64_t d = 0; d < D; d++) out[g * D + d] = 0;
+    }
+    const v8 floor = (v8){0} - 87.0f;
+    for (int64_t t0 = 0; t0 < n; t0 += KEYS) {
+        const int64_t c = n - t0 < KEYS ? n - t0 : KEYS;
+        for (int64_t t = 0; t < c; t++) {
+            const float *key = K + (t0 + t) * D;
+            for (int64_t g = 0; g < G; g++) {
+                v8 a0 = {0}, a1 = {0};
+                int64_t d = 0;
+                for (; d + 16 <= D; d += 16) {
+                    a0 += *(const v8u *)(q + g * D + d) * *(const v8u *)(key + d);
+                    a1 += *(const v8u *)(q + g * D + d + 8) * *(const v8u *)(key + d + 8);
+                }
+                if (d < D) a0 += *(const v8u *)(q + g * D + d) * *(const v8u *)(key + d);
+                s[g][t] = hsum8(a0 + a1) * j->scale;
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float top = m[g];
+            for (int64_t t = 0; t < c; t++) top = s[g][t] > top ? s[g][t] : top;
+            /* exp(old max - new max) rescales what the earlier chunks summed (0 before the first chunk) */
+            /* max8(floor, y) keeps a NaN y (a NaN query or key): the row's output becomes NaN, as with SDPA */
+            const float rescale = exp_nonpositive(max8(floor, (v8){0} + (m[g] - top)))[0];
+            for (int64_t t = c; t % 8; t++) s[g][t] = top; /* the last vector's lanes past the chunk */
+            for (int64_t t = 0; t < c; t += 8)
+                *(v8u *)(s[g] + t) = exp_nonpositive(max8(floor, *(v8u *)(s[g] + t) - top));
+            float sum = 0;
+            for (int64_t t = 0; t < c; t++) sum += s[g][t];
+            l[g] = l[g] * rescale + sum;
+            m[g] = top;
+            if (rescale != 1.0f)
+                for (int64_t d = 0; d < D; d += 8) *(v8u *)(out + g * D + d) *= rescale;
+        }
+        for (int64_t t = 0; t < c; t++) {
+            const float *value = V + (t0 + t) * D;
+            for (int64_t g = 0; g < G; g++) {
+                const float p = s[g][t];
+                for (int64_t d = 0; d < D; d += 8) *(v8u *)(out + g * D + d) += p * *(const v8u *)(value + d);
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float inverse = 1.0f / l[g];
+        for (int64_t d = 0; d < D; d += 8) *(v8u *)(out + g * D + d) *= inverse;
+    }
+}
+
+static void run_attention(const void *arg, int part) {
+    (void)part;
+    const attention_job *j = arg;
+    for (int64_t item; (item = atomic_fetch_add_explicit(j->next, 1, memory_order_relaxed)) < j->items;)
+        attend_item(j, item);
+}
+
+/* Writes row b's new key and value heads ([KV, D] at k_new + b * ld_new_k, v_new + b * ld_new_v) at column
+ * lengths[b] - 1 of its cache slot, then out [B, KV, G, D] = each row's attention over its first lengths[b]
+ * (>= 1) columns of k and v [B.., KV, capacity, D] (row b in slot b), q row b's [KV, G, D] at q + b * ldq;
+ * D a multiple of 8. threads take (row, head) items as they finish earlier ones; each item's result is the
+ * same whichever takes it. */
+void ff_decode_attention(const float *q, int64_t ldq, const float *k_new, int64_t ld_new_k, const float *v_new,
+                         int64_t ld_new_v, float *k, float *v, const int64_t *lengths, float *out, int64_t B,
+                         int64_t KV, int64_t G, int64_t D, int64_t capacity, float scale, int threads) {
+    _Atomic int64_t next = 0;
+    const attention_job j = {q, k_new, v_new, k, v, lengths, out, ldq, ld_new_k, ld_new_v, KV, G, D, capacity,
+                             B * KV, scale, &next};
+    run_parts(run_attention, &j, clamp_threads(threads, B * KV));
 }

@@ -1,13 +1,13 @@
-"""forkflow's decoding kernels for CPU (`cpu_kernels.c`): the fp32 matmuls of the decoding steps and the pass
-over each chunk of logits of plain sampling, compiled with the system's C compiler on first use for this
-machine (`-O3 -march=native`) into a cache directory and loaded with ctypes.
+"""forkflow's decoding kernels for CPU (`cpu_kernels.c`): the fp32 matmuls and attention of the decoding steps
+and the pass over each chunk of logits of plain sampling, compiled with the system's C compiler on first use
+for this machine (`-O3 -march=native`) into a cache directory and loaded with ctypes.
 
 At decoding's batches oneDNN's fp32 matmuls ran at about half of a core's multiply-add peak in a profile (an
 AMD EPYC Zen 3 with AVX2: 49 of ~95 GFLOP/s for 16 rows against Qwen3's LM head on one thread), short of what
 the weight stream allows; the kernel reads each weight once per call and keeps the batch in cache
 (`benchmarks/bench_generate.py` measures the steps, `test_rollout.py` the products against float64). It needs
 no build step and no dependency: where no compiler is found, or it fails, a warning says so once and decoding
-stays on torch's ops (the weights on oneDNN: `weights.Projection`).
+stays on torch's ops (the weights on oneDNN: `weights.Projection`; attention on SDPA: `engine.decode`).
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def library() -> ctypes.CDLL | None:
         return _unavailable(f"cannot load {target} ({error}); delete it to compile it again")
     lib.ff_block_softmax.restype = None
     lib.ff_block_softmax.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
+    lib.ff_decode_attention.restype = None
+    lib.ff_decode_attention.argtypes = [*[ctypes.c_void_p, ctypes.c_int64] * 3, *[ctypes.c_void_p] * 4,
+                                        *[ctypes.c_int64] * 5, ctypes.c_float, ctypes.c_int]  # fmt: skip
     lib.ff_matmul.restype = ctypes.c_int
     lib.ff_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -87,8 +90,8 @@ def _machine() -> str:
 
 
 def _unavailable(reason: str) -> None:
-    print(f"warning: forkflow's CPU decoding kernel is unavailable, decoding uses oneDNN's matmuls: {reason}",
-          file=sys.stderr)  # fmt: skip
+    print(f"warning: forkflow's CPU decoding kernel is unavailable, decoding uses oneDNN's matmuls and SDPA: "
+          f"{reason}", file=sys.stderr)  # fmt: skip
     return None
 
 
@@ -143,3 +146,20 @@ def block_softmax(z: torch.Tensor, running_max: torch.Tensor, floor: float, thre
     library().ff_block_softmax(z.data_ptr(), running_max.data_ptr(), new_max.data_ptr(), masses.data_ptr(),
                                dot.data_ptr(), B, k, block, floor, threads)  # fmt: skip
     return new_max, z, masses, dot
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     lengths: torch.Tensor, scale: float, threads: int) -> torch.Tensor:
+    """One decoding step's attention, one token per row: its new keys and values k, v [B, KV, D] fp32 are
+    written into the cache keys, values [slots >= B, KV, capacity, D] (contiguous, row b in slot b) at column
+    lengths[b] - 1 (lengths [B] int64, 1 <= length <= capacity), then q [B, heads, D] attends over each row's
+    first lengths[b] columns -> [B, heads · D], query head i on key/value head i // (heads / KV)."""
+    B, heads, D = q.shape
+    _, KV, capacity, _ = keys.shape
+    q, k, v = (t if t.stride(2) == 1 and t.stride(1) == D else t.contiguous() for t in (q, k, v))
+    out = q.new_empty(B, heads * D)
+    lengths = lengths.contiguous()
+    library().ff_decode_attention(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                  keys.data_ptr(), values.data_ptr(), lengths.data_ptr(), out.data_ptr(), B, KV,
+                                  heads // KV, D, capacity, scale, threads)  # fmt: skip
+    return out

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from forkflow.models.qwen3 import Qwen3ForCausalLM, apply_rope, rope_cos_sin
+from forkflow.rollout import cpu_kernels
 from forkflow.rollout.sampling import SamplingParams, next_tokens, sample_keys, token_logits
-from forkflow.rollout.weights import DecodeWeights, on_all_threads, small_ops_on_one_thread
+from forkflow.rollout.weights import DecodeWeights, kernel_threads, on_all_threads, small_ops_on_one_thread
 
 
 class PromptError(ValueError):
@@ -138,16 +139,13 @@ class SlotKVCache:
         rows = torch.arange(len(positions), device=positions.device)[:, None] * heads
         return ((rows + torch.arange(heads, device=positions.device)) * capacity + positions[:, None]).view(-1)
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write rows 0..B-1's new keys/values k, v [B, 1, KV, D] at `columns` (`columns`); return their first
-        `width` columns [B, KV, width, D]. (index_copy_ on the flat buffer: an index_put at (rows, positions)
-        took 5-9x longer, and scatter_ copies the whole buffer in bf16 on CPU.)"""
-        B, D = len(k), k.shape[-1]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor) -> None:
+        """Write rows 0..B-1's new keys/values k, v [B, 1, KV, D] at `columns` (`columns`). (index_copy_ on the
+        flat buffer: an index_put at (rows, positions) took 5-9x longer, and scatter_ copies the whole buffer in
+        bf16 on CPU.)"""
+        D = k.shape[-1]
         for buffer, new in ((self.keys[layer], k), (self.values[layer], v)):
             buffer.view(-1, D).index_copy_(0, columns, new.reshape(-1, D))
-        return self.keys[layer][:B, :, :width], self.values[layer][:B, :, :width]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -211,25 +209,45 @@ def decode(
     """One token per row, tokens [B] at positions [B] (width = max(positions) + 1) -> the final hidden
     states [B, H]: each row at its own position in its own cache slot, seeing its columns 0..position.
 
-    Each key/value head's G query heads are G query rows of that head ([B, KV, G, D]): SDPA then reads each
-    key/value head once for all G, with the result of enable_gqa, which reads it G times (4-5x slower in bf16
-    at Qwen3-0.6B's shape on CPU). (Two batched matmuls would copy the cache's strided [:B, :, :width] view
-    in bf16, 2-5x slower than SDPA.)"""
+    Attention on CPU in fp32 is forkflow's kernel (`cpu_kernels.decode_attention`), which also writes the new
+    keys and values into the cache, reads each row's cache only up to the row's position and each key/value
+    head once for its G query heads. Elsewhere the cache is written by `SlotKVCache.update` and attention is
+    SDPA over the first `width` columns with the columns past a row's position masked, each key/value head's
+    G query heads given as G query rows of that head ([B, KV, G, D]): SDPA then reads each key/value head
+    once for all G, with the result of enable_gqa, which reads it G times (4-5x slower in bf16 at
+    Qwen3-0.6B's shape on CPU). (Two batched matmuls would copy the cache's strided [:B, :, :width] view in
+    bf16, 2-5x slower than SDPA.)"""
     B = len(tokens)
     cos, sin = cache.cos[positions, None, None], cache.sin[positions, None, None]  # [B, 1, 1, D]
-    unseen = torch.arange(width, device=positions.device) > positions[:, None]  # [B, width]
-    bias = cache.cos.new_zeros(()).masked_fill(unseen, float("-inf"))[:, None, None]  # [B, 1, 1, width]
-    columns = cache.columns(positions)
+    head_dim = cache.keys[0].shape[-1]
+    scale = head_dim**-0.5
+    if attention_kernel(cache.keys[0]):
+        lengths = positions + 1
 
-    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values = cache.update(layer, k, v, columns, width)
-        q = q.reshape(B, keys.shape[1], -1, q.shape[-1])
-        scale = q.shape[-1] ** -0.5
-        out = on_all_threads(F.scaled_dot_product_attention, q, keys, values, attn_mask=bias, scale=scale)
-        return out.reshape(B, 1, -1)
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = cpu_kernels.decode_attention(q[:, 0], k[:, 0], v[:, 0], cache.keys[layer], cache.values[layer],
+                                               lengths, scale, kernel_threads())  # fmt: skip
+            return out[:, None]
+    else:
+        columns = cache.columns(positions)
+        unseen = torch.arange(width, device=positions.device) > positions[:, None]  # [B, width]
+        bias = cache.cos.new_zeros(()).masked_fill(unseen, float("-inf"))[:, None, None]  # [B, 1, 1, width]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.update(layer, k, v, columns)
+            keys, values = cache.keys[layer][:B, :, :width], cache.values[layer][:B, :, :width]
+            q = q.reshape(B, keys.shape[1], -1, head_dim)
+            out = on_all_threads(F.scaled_dot_product_attention, q, keys, values, attn_mask=bias, scale=scale)
+            return out.reshape(B, 1, -1)
 
     with small_ops_on_one_thread(tokens.device):
         return decoder_stack(model, weights, model.model.embed_tokens(tokens[:, None]), cos, sin, attend)[:, 0]
+
+
+def attention_kernel(keys: torch.Tensor) -> bool:
+    """Whether decoding's attention over a cache of `keys` [slots, KV, capacity, D] runs on forkflow's CPU kernel."""
+    cpu_fp32 = keys.device.type == "cpu" and keys.dtype == torch.float32
+    return cpu_fp32 and keys.shape[-1] % 8 == 0 and cpu_kernels.available()
 
 
 @dataclass

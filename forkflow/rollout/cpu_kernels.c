@@ -221,7 +221,9 @@ int ff_matmul(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy
     return 0;
 }
 
-/* exp(y) for y in [-87, 0] (Cephes' expf: y = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial in r,
+#define EXP_LOWEST (-87.0f) /* exp_nonpositive's lowest argument: exp(-87) is near float's smallest normal */
+
+/* exp(y) for y in [EXP_LOWEST, 0] (Cephes' expf: y = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial in r,
  * times 2^n through the exponent bits), within 2 ulp of the exact value */
 typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8 exp_nonpositive(v8 y) {
@@ -236,6 +238,12 @@ static inline v8 exp_nonpositive(v8 y) {
     p = p * (r * r) + r + 1.0f;
     union { v8i i; v8 f; } scale = {.i = (n + 127) << 23};
     return p * scale.f;
+}
+
+static inline float hsum8(v8 a) {
+    float s = 0;
+    for (int l = 0; l < 8; l++) s += a[l];
+    return s;
 }
 
 static inline v8 max8(v8 a, v8 b) {
@@ -279,13 +287,8 @@ static void run_softmax(const void *arg, int part) {
                 mass += e;
                 ey += e * y;
             }
-            float block_mass = 0, block_ey = 0;
-            for (int l = 0; l < 8; l++) {
-                block_mass += mass[l];
-                block_ey += ey[l];
-            }
-            j->w[b * j->blocks + k] = block_mass;
-            dot += block_ey;
+            j->w[b * j->blocks + k] = hsum8(mass);
+            dot += hsum8(ey);
         }
         int broken = 0;
         for (int l = 0; l < 8; l++) broken |= bad[l];
@@ -296,11 +299,11 @@ static void run_softmax(const void *arg, int part) {
 
 /* For each row b of z [B, blocks · block] (contiguous; block a multiple of 8): M' = max(m[b], max z[b]);
  * z[b] := e = exp(y) with y = max(z[b] - M', floor); w[b, k] = the sum of block k's e; d[b] = Σ e · y;
- * m_out[b] = M' (m_out[b] and d[b] NaN where z[b] holds a NaN or +inf). floor in [-87, 0]. threads split
+ * m_out[b] = M' (m_out[b] and d[b] NaN where z[b] holds a NaN or +inf). floor in [EXP_LOWEST, 0]. threads split
  * the rows. */
 void ff_block_softmax(float *z, const float *m, float *m_out, float *w, float *d, int64_t B, int64_t blocks,
                       int64_t block, float floor, int threads) {
-    if (!(floor >= -87.0f && floor <= 0.0f)) floor = -87.0f; /* exp_nonpositive's range */
+    if (!(floor >= EXP_LOWEST && floor <= 0.0f)) floor = EXP_LOWEST; /* exp_nonpositive's range */
     threads = clamp_threads(threads, B);
     const softmax_job j = {z, m, m_out, w, d, B, blocks, block, (B + threads - 1) / threads, floor};
     run_parts(run_softmax, &j, threads);
@@ -319,12 +322,6 @@ typedef struct {
 
 #define KEYS 64 /* keys per chunk of the online softmax */
 
-static inline float hsum8(v8 a) {
-    float s = 0;
-    for (int l = 0; l < 8; l++) s += a[l];
-    return s;
-}
-
 /* one (row, key/value head) item: softmax(q_g · K[:n]ᵀ · scale) · V[:n] for each of its G query heads, over
  * chunks of KEYS keys with a running maximum and sum (the online softmax) */
 static void attend_item(const attention_job *j, int64_t item) {
@@ -342,7 +339,7 @@ static void attend_item(const attention_job *j, int64_t item) {
         l[g] = 0;
         for (int64_t d = 0; d < D; d++) out[g * D + d] = 0;
     }
-    const v8 floor = (v8){0} - 87.0f;
+    const v8 floor = (v8){0} + EXP_LOWEST;
     for (int64_t t0 = 0; t0 < n; t0 += KEYS) {
         const int64_t c = n - t0 < KEYS ? n - t0 : KEYS;
         for (int64_t t = 0; t < c; t++) {

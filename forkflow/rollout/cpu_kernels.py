@@ -153,7 +153,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     """One decoding step's attention, one token per row: its new keys and values k, v [B, KV, D] fp32 are
     written into the cache keys, values [slots >= B, KV, capacity, D] (contiguous, row b in slot b) at column
     lengths[b] - 1 (lengths [B] int64, 1 <= length <= capacity), then q [B, heads, D] attends over each row's
-    first lengths[b] columns -> [B, heads · D], query head i on key/value head i // (heads / KV)."""
+    first lengths[b] columns -> [B, heads · D], query head i on key/value head i // (heads / KV). D a multiple
+    of 8."""
     B, heads, D = q.shape
     _, KV, capacity, _ = keys.shape
     q, k, v = (t if t.stride(2) == 1 and t.stride(1) == D else t.contiguous() for t in (q, k, v))

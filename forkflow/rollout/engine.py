@@ -112,7 +112,7 @@ class SlotKVCache:
     def __init__(self, model: Qwen3ForCausalLM, slots: int, capacity: int):
         cfg, weight = model.config, model.lm_head.weight
         shape = (slots, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        # zeros, not empty: a row's columns past its position still enter attention (as 0 · value), and
+        # zeros, not empty: a row's columns past its position still enter SDPA's attention (as 0 · value), and
         # never-written memory may hold NaN (0 · NaN = NaN); a slot's earlier occupant leaves finite values
         self.keys = [weight.new_zeros(shape) for _ in range(cfg.num_hidden_layers)]
         self.values = [weight.new_zeros(shape) for _ in range(cfg.num_hidden_layers)]
